@@ -1,0 +1,23 @@
+"""User-facing errors, and the one place where the CLIs turn them into a one-line message.
+
+Any mistake a user can make (bad path, bad data, bad flag value, a checkpoint that does not
+fit the model) raises `ForgetlabError` with a message that names the file, the line where there
+is one, and what is wrong. Bugs stay ordinary exceptions, with their tracebacks.
+"""
+import sys
+
+
+class ForgetlabError(Exception):
+    """A problem with the user's input, reported as one line on stderr and exit code 2."""
+
+
+def run_cli(main, argv=None):
+    """Call `main(argv)`; print ForgetlabError as one line and exit 2, Ctrl-C as exit 130."""
+    try:
+        main(argv)
+    except ForgetlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

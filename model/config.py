@@ -1,0 +1,87 @@
+"""LlamaConfig: one dataclass for every Llama-family checkpoint, read from a Hugging Face config.json."""
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from errors import ForgetlabError
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < num_attention_heads means grouped-query attention (GQA)
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} as in HF config.json.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    name_or_path: str = ""
+    extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back on save
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ForgetlabError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("linear", "llama3", "default"):
+                raise ForgetlabError(f"rope_scaling type {kind!r} is not supported (linear, llama3)")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        if d.get("model_type") != "llama":
+            raise ForgetlabError(f"{source}: model_type is {d.get('model_type')!r}, only 'llama' is supported")
+        known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "name_or_path")}
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ForgetlabError(f"{source}: missing required key(s) {', '.join(missing)}")
+        kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
+        kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kwargs["rope_scaling"] = d.get("rope_scaling")
+        rp = d.get("rope_parameters")  # transformers >= 5 writes theta and scaling together here
+        if isinstance(rp, dict):
+            kwargs.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default" and kwargs["rope_scaling"] is None:
+                kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        extra = {k: v for k, v in d.items() if k not in known and k != "rope_parameters"}
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as e:
+            raise ForgetlabError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ForgetlabError(f"{path}: config.json not found")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ForgetlabError(f"{path}: not valid JSON ({e})") from None
+        cfg = cls.from_hf_dict(d, str(path))
+        cfg.name_or_path = str(path.parent)
+        return cfg
+
+    def to_hf_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "name_or_path")}
+        return {**self.extra, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **d}

@@ -1,0 +1,116 @@
+"""The hand-written Llama against transformers.LlamaForCausalLM on tiny random configs."""
+import pytest
+import torch
+
+from model import generate_ids
+from tests.tiny import LLAMA3_SCALING, hf_twin, tiny_llama
+
+CONFIGS = {
+    "gqa_untied": dict(num_key_value_heads=2),
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa_llama3_rope": dict(num_key_value_heads=1, rope_scaling=LLAMA3_SCALING, rope_theta=500000.0),
+    "linear_rope_head_dim": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, head_dim=32),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name):
+    model = tiny_llama(**CONFIGS[name])
+    hf = hf_twin(model)
+    ids = torch.randint(0, 101, (2, 40))  # longer than original_max_position_embeddings: scaling matters
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_logits_match_transformers(side):
+    model = tiny_llama(std=0.3)
+    hf = hf_twin(model)
+    ids = torch.randint(0, 101, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    if side == "left":
+        mask[1, :5] = 0
+        mask[2, :11] = 0
+    else:
+        mask[1, 12:] = 0
+        mask[2, 3:] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5
+
+
+def test_padding_does_not_change_a_sequence_logits():
+    model = tiny_llama(std=0.3)
+    ids = torch.randint(3, 101, (1, 9))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 9)], dim=1).long()
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0], model(padded, attention_mask=mask)[0, 4:], atol=1e-5)
+
+
+def test_loss_matches_transformers_with_ignored_labels():
+    model = tiny_llama(std=0.3)
+    hf = hf_twin(model)
+    ids = torch.randint(0, 101, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :6] = -100  # a prompt: no loss there
+    with torch.no_grad():
+        ours = model(ids, labels=labels, attention_mask=mask)
+        theirs = hf(ids, attention_mask=mask, labels=labels).loss
+    assert abs(ours.item() - theirs.item()) <= 1e-5
+
+
+def test_loss_is_differentiable_and_zero_without_labels():
+    model = tiny_llama().train()
+    ids = torch.randint(0, 101, (2, 8))
+    loss = model(ids, labels=torch.full_like(ids, -100))
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 101, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_llama(seed=1).train()
+        model.gradient_checkpointing = ckpt
+        model(ids, labels=ids).backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_greedy_generation_matches_transformers_and_is_batch_independent():
+    model = tiny_llama(std=0.5)
+    hf = hf_twin(model)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20], [40]]
+    batched = generate_ids(model, prompts, 16, stop_ids=[], pad_id=0)
+    for p, out in zip(prompts, batched):
+        assert out == generate_ids(model, [p], 16, stop_ids=[], pad_id=0)[0]
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert out == ref[0, len(p):].tolist()
+
+
+def test_generation_stops_per_sequence_at_stop_ids():
+    model = tiny_llama(std=0.5)
+    prompts = [[5, 6, 7], [11, 12]]
+    free = generate_ids(model, prompts, 12, stop_ids=[], pad_id=0)
+    stop = free[0][3]  # make the 4th token of the first sequence a stop token
+    out = generate_ids(model, prompts, 12, stop_ids=[stop], pad_id=0)
+    assert out[0] == free[0][:free[0].index(stop)]
+    cut = free[1].index(stop) if stop in free[1] else len(free[1])
+    assert out[1] == free[1][:cut]
+
+
+def test_sampling_is_deterministic_with_a_seed():
+    model = tiny_llama(std=0.5)
+    runs = [generate_ids(model, [[5, 6, 7]] * 3, 10, [], 0, temperature=1.0, top_p=0.9,
+                         generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
