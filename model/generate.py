@@ -63,7 +63,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperatu
     """Completions (text after the prompt) for each prompt. chat=True wraps each prompt as a user turn
     with the tokenizer's chat template. Prompts are sorted by length into batches to waste little padding."""
     texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
-    encoded = [tok.encode(t, add_bos=not chat) for t in texts]
+    encoded = [tok.encode(t, add_bos=tok.adds_bos and not chat) for t in texts]  # a template writes its own BOS
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     generator = torch.Generator().manual_seed(seed)  # on CPU: the sampling draws are device-independent
     if next(model.parameters()).device.type != "cpu":
