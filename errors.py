@@ -4,11 +4,20 @@ Any mistake a user can make (bad path, bad data, bad flag value, a checkpoint th
 fit the model) raises `ForgetlabError` with a message that names the file, the line where there
 is one, and what is wrong. Bugs stay ordinary exceptions, with their tracebacks.
 """
+import argparse
 import sys
 
 
 class ForgetlabError(Exception):
     """A problem with the user's input, reported as one line on stderr and exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, bad value, missing argument) raise ForgetlabError, so that
+    run_cli reports them like every other user error: one line, exit 2 (plain argparse prints the usage first)."""
+
+    def error(self, message):
+        raise ForgetlabError(f"{message} (see {self.prog} --help)")
 
 
 def run_cli(main, argv=None):

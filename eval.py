@@ -31,7 +31,6 @@ Tasks
   whole word (case-insensitive) in the response; plus the NLL of the reference completion given the
   chat-formatted prompt (the training loss on unseen questions).
 """
-import argparse
 import json
 import math
 import re
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 from data import read_jsonl, tokenize_example
-from errors import ForgetlabError, run_cli
+from errors import ArgumentParser, ForgetlabError, run_cli
 from model import IGNORE_INDEX, generate
 
 REPO = Path(__file__).resolve().parent
@@ -545,6 +544,9 @@ DELTA_METRICS = (
 )
 
 
+METRIC_KEYS = {"accuracy"} | {key for _, _, key, _ in DELTA_METRICS}  # the numbers compare_forgetting reads
+
+
 def _results(d: dict) -> dict:
     """Accept evaluate()'s dict or a whole OUT.json (which holds it under "results")."""
     return d["results"] if "results" in d else d
@@ -619,15 +621,28 @@ def format_report(comparison: dict, title: str = "Forgetting report") -> str:
 # ----------------------------------------------------------------------------- CLI
 
 def read_results(path) -> dict:
+    """An eval.py results file, checked enough that comparing it cannot crash: a JSON object whose "results"
+    object maps tasks to objects, their metrics numbers."""
     path = Path(path)
     if not path.is_file():
         raise ForgetlabError(f"{path}: results file not found")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ForgetlabError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError, OSError) as e:
+        raise ForgetlabError(f"{path}: unreadable results file ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict) or not isinstance(d.get("results"), dict):
         raise ForgetlabError(f"{path}: not an eval.py results file (no \"results\" object)")
+    for task, res in d["results"].items():
+        if not isinstance(res, dict):
+            raise ForgetlabError(f"{path}: results.{task} is not an object")
+        for key, value in res.items():
+            if key in METRIC_KEYS and not (value is None or isinstance(value, (int, float))):
+                raise ForgetlabError(f"{path}: results.{task}.{key} is not a number")
+        if not isinstance(res.get("category_accuracy", {}), dict) or not all(
+                isinstance(v, (int, float)) for v in res.get("category_accuracy", {}).values()):
+            raise ForgetlabError(f"{path}: results.{task}.category_accuracy is not an object of numbers")
     return d
 
 
@@ -650,7 +665,7 @@ def parse_tasks(spec: str) -> tuple[str, ...]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate general capabilities and the domain, or compare two runs.")
+    p = ArgumentParser(description="Evaluate general capabilities and the domain, or compare two runs.")
     p.add_argument("--model", help="checkpoint directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="LoRA adapter directory to apply on top of the model")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")

@@ -255,9 +255,11 @@ def read_adapter_config(file: Path) -> dict:
     if not file.is_file():
         raise ForgetlabError(f"{file}: adapter config not found")
     try:
-        config = json.loads(file.read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ForgetlabError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError, OSError) as e:
+        raise ForgetlabError(f"{file}: unreadable adapter config ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict):
         raise ForgetlabError(f"{file}: expected a JSON object")
     if config.get("peft_type") != "LORA":
@@ -265,6 +267,19 @@ def read_adapter_config(file: Path) -> dict:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ForgetlabError(f"{file}: missing {key!r}")
+    number = (int, float)
+    targets = config["target_modules"]
+    checks = [(isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0,
+               "'r' must be a positive integer"),
+              (isinstance(config["lora_alpha"], number) and not isinstance(config["lora_alpha"], bool),
+               "'lora_alpha' must be a number"),
+              (isinstance(config.get("lora_dropout", 0.0), number), "'lora_dropout' must be a number"),
+              (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                            and all(isinstance(t, str) for t in targets)),
+               "'target_modules' must be a string or a non-empty list of strings")]
+    for ok, msg in checks:
+        if not ok:
+            raise ForgetlabError(f"{file}: {msg}")
     if config.get("bias", "none") != "none":
         raise ForgetlabError(f"{file}: bias={config['bias']!r} is not supported (only 'none')")
     for key in PEFT_UNSUPPORTED:

@@ -28,9 +28,11 @@ def weight_files(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ForgetlabError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ForgetlabError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ForgetlabError(f"{index}: weight_map must map tensor names to file names")
         return {name: path / fname for name, fname in weight_map.items()}
     if single.is_file():
         return {name: single for name in read_tensor_names(single)}
@@ -155,17 +157,26 @@ def save_pretrained(model: Llama, path, max_shard_bytes: int = 2 * 2**30, copy_t
 
 
 def write_atomic_text(file: Path, text: str):
+    """Write to file.tmp, fsync, rename: readers see the old file or the new one, never a partial one, and an
+    exception (Ctrl-C included) mid-write removes the temporary file."""
     tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_atomic_safetensors(file: Path, tensors: dict, metadata: dict | None = None):
+    """Like write_atomic_text, for a safetensors file."""
     tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -47,6 +47,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        if not isinstance(d, dict):
+            raise ForgetlabError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type") != "llama":
             raise ForgetlabError(f"{source}: model_type is {d.get('model_type')!r}, only 'llama' is supported")
         known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "name_or_path")}
@@ -54,6 +56,11 @@ class LlamaConfig:
                                "num_attention_heads") if k not in d]
         if missing:
             raise ForgetlabError(f"{source}: missing required key(s) {', '.join(missing)}")
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings")
+        for k in sizes:
+            if k in d and d[k] is not None and not (isinstance(d[k], int) and not isinstance(d[k], bool) and d[k] > 0):
+                raise ForgetlabError(f"{source}: {k} must be a positive integer, got {d[k]!r}")
         kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
         kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
         kwargs["rope_scaling"] = d.get("rope_scaling")

@@ -35,9 +35,14 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ForgetlabError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ForgetlabError(f"{path}: unreadable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ForgetlabError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _token_string(value):

@@ -30,7 +30,6 @@ a weighted mean of the two optima: w* = b at λ = 0 (plain fine-tuning, A forgot
 (nothing learnt of B), moving monotonically between them. The demo puts the penalty through ewc.EWC and the
 weight through torch.optim.SGD, and prints the closed form beside where gradient descent ends.
 """
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from errors import ForgetlabError, run_cli  # noqa: E402
+from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
 from ewc import EWC  # noqa: E402
 
 FISHER = 1.0  # unit-variance Gaussian likelihood: F = Var(y) = 1 (see the module docstring)
@@ -129,7 +128,7 @@ def parse_floats(text: str) -> list[float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--a", type=float, default=2.0, help="task A's optimum")
     p.add_argument("--b", type=float, default=-1.0, help="task B's optimum")
     p.add_argument("--lambdas", default="0,0.1,1,10,100", help="EWC strengths, comma-separated")

@@ -34,7 +34,6 @@ Typical output (seed 0): plain ~76x, freeze 1.0x, lora ~450x, low_lr 1.5x (but B
 
 Deterministic: fixed seeds, full-batch training, no data shuffling.
 """
-import argparse
 import contextlib
 import io
 import sys
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from errors import ForgetlabError, run_cli  # noqa: E402
+from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
 from ewc import EWC  # noqa: E402
 from lora import apply_lora  # noqa: E402
 
@@ -191,7 +190,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="all", help=f"all, or one of: {', '.join(METHODS)}")
     p.add_argument("--ewc-lambda", type=float, default=ToyConfig.ewc_lambda, help="EWC strength λ")
     p.add_argument("--replay-fraction", type=float, default=ToyConfig.replay_fraction,

@@ -9,14 +9,13 @@ Every other entry point prepares the model on first use too; this script just ma
 import os, sys  # noqa: E401
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse
 
-from errors import run_cli
+from errors import ArgumentParser, run_cli
 from model.convert_gguf import default_model_dir, is_prepared, prepare_default_model
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help=f"target directory (default: {default_model_dir()}; "
                         "FORGETLAB_CACHE overrides the cache root)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")

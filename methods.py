@@ -1,0 +1,174 @@
+"""Forgetting mitigations as plug-ins to the training loop in train.py.
+
+A mitigation is a `Method` subclass registered under a name; `python train.py --method NAME` runs it. The loop
+calls its hooks in this order:
+
+    method.setup(model, tok, cfg, general_examples)   once, on the model before fine-tuning (e.g. a Fisher estimate)
+    method.configure(model)                           once: decide what trains (requires_grad), e.g. add LoRA
+    for step in range(total_steps):
+        loss = task loss (gradient-accumulated over cfg.grad_accum micro-batches)
+        extra = method.extra_loss(model, step)        a regularizer added once per optimizer step, or None
+        optimizer.step()
+        method.after_step(model, step)                e.g. project or clamp weights
+    method.finish(model)                              once, before the final evaluation (e.g. interpolate weights)
+
+`defaults` holds TrainConfig overrides, a preset: they replace the dataclass defaults, but any flag the user
+types wins. `state_dict()` / `load_state_dict()` carry the method's own state (a Fisher, an anchor) for
+resumable checkpoints. Replay is not a hook: any method composes with `--replay-fraction`, which mixes general
+examples into the training set before the loop starts.
+
+A new mitigation, in a file passed with `--method-file`:
+
+    @register("l2-init")
+    class L2Init(Method):
+        def configure(self, model):
+            self.init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        def extra_loss(self, model, step):
+            return 0.01 / 2 * sum(((p - self.init[n]) ** 2).sum() for n, p in model.named_parameters()
+                                  if p.requires_grad)
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+from errors import ForgetlabError
+from ewc import EWC, estimate_fisher
+from lora import apply_lora
+
+REGISTRY: dict[str, type] = {}
+
+
+class Method:
+    """Base class: every hook is a no-op, so `Method` itself is plain full fine-tuning."""
+
+    name = "full"
+    defaults: dict = {}
+    needs_general_data = False  # True: train.py loads --general-data and passes it to setup()
+
+    def setup(self, model, tok, cfg, general_examples):
+        """Before training, on the unmodified model. general_examples: tokenized --general-data rows
+        (dicts with input_ids and labels) when needs_general_data or replay is on, else []."""
+
+    def configure(self, model):
+        """Set requires_grad on what should train (all parameters are trainable when this is called)."""
+
+    def extra_loss(self, model, step: int):
+        """A scalar tensor added to the loss of optimizer step `step` (its gradient is added once per step,
+        not once per micro-batch), or None."""
+        return None
+
+    def after_step(self, model, step: int):
+        """Called after each optimizer step."""
+
+    def finish(self, model):
+        """Called once after the last step, before the final evaluation and the save."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+def register(name: str):
+    """Class decorator: make a Method subclass available as `--method name`."""
+    def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register({name!r}) must decorate a Method subclass")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """A fresh instance of the method registered as `name`."""
+    if name not in REGISTRY:
+        raise ForgetlabError(f"--method {name!r} is unknown; known methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]()
+
+
+def load_method_file(path):
+    """Import a Python file for its @register side effect (`--method-file my_method.py`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ForgetlabError(f"{path}: method file not found")
+    spec = importlib.util.spec_from_file_location(f"forgetlab_user_method_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # errors in the user's own code keep their traceback: they are bugs
+    return module
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+register("full")(Method)
+
+
+@register("lora")
+class LoRA(Method):
+    """Train low-rank adapters on frozen weights (Hu et al. 2021). Biderman et al. 2024, "LoRA Learns Less
+    and Forgets Less": a constrained update forgets less at a similar target-domain gain."""
+
+    defaults = {"lr": 1e-3}
+
+    def setup(self, model, tok, cfg, general_examples):
+        self.cfg = cfg
+
+    def configure(self, model):
+        c = self.cfg
+        targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
+        apply_lora(model, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, targets=targets)
+
+
+@register("ewc")
+class ElasticWeightConsolidation(Method):
+    """Elastic weight consolidation (Kirkpatrick et al. 2017): estimate the diagonal Fisher F of the general-data
+    log-likelihood at the pretrained weights θ*, then add λ/2 Σ_i F_i (θ_i - θ*_i)² to the domain loss, so weights
+    that matter for general data move little."""
+
+    needs_general_data = True
+
+    def setup(self, model, tok, cfg, general_examples):
+        from data import batches_by_length
+
+        # the "batch" estimator squares each batch's mean gradient, so its value depends on the batch size
+        batches = batches_by_length(general_examples[:cfg.fisher_samples], cfg.batch_size, tok.pad_id, seed=cfg.seed)
+        fisher = estimate_fisher(model, batches, estimator=cfg.fisher_estimator, normalize=cfg.fisher_normalize,
+                                 progress=True, seed=cfg.seed)
+        self.ewc = EWC(model, fisher, lam=cfg.ewc_lambda)
+
+    def extra_loss(self, model, step):
+        return self.ewc.penalty(model)
+
+    def state_dict(self):
+        return self.ewc.state_dict()
+
+    def load_state_dict(self, state):
+        for name, f, a in zip(self.ewc.names, self.ewc.fisher, self.ewc.anchor):
+            f.copy_(state[f"fisher.{name}"])
+            a.copy_(state[f"anchor.{name}"])
+
+
+@register("replay")
+class Replay(Method):
+    """Experience replay: full fine-tuning on the domain set mixed with general examples
+    (int(len(domain) * replay_fraction) of them)."""
+
+    defaults = {"replay_fraction": 0.15}
+
+
+@register("safe")
+class Safe(Method):
+    """Full fine-tuning with conservative settings: small lr, warmup, cosine decay, effective batch 16."""
+
+    defaults = {"lr": 2e-5, "epochs": 3, "batch_size": 4, "grad_accum": 4, "warmup": 0.05, "schedule": "cosine",
+                "weight_decay": 0.01}
+
+
+@register("risky")
+class Risky(Method):
+    """Full fine-tuning with aggressive settings: 2.5x the lr, many epochs, batch 1, no warmup."""
+
+    defaults = {"lr": 5e-5, "epochs": 10, "batch_size": 1, "grad_accum": 1, "warmup": 0.0, "schedule": "linear",
+                "weight_decay": 0.0}

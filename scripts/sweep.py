@@ -1,0 +1,386 @@
+"""A grid of forgetting mitigations x seeds through train.py: the learning-versus-forgetting picture.
+
+    python scripts/sweep.py                                           # full, lora, ewc, replay x seeds 0,1,2
+    python scripts/sweep.py --methods full,ewc --ewc-lambda 10,100,1000 --seeds 0,1 --eval quick
+    python scripts/sweep.py --quick                                   # a tiny random model, seconds per run
+
+Each grid point is one `python train.py ...` run in its own process, written to DIR/<run-name>/ (DIR = --out,
+default runs/sweep). A run whose results.json exists is skipped, so an interrupted sweep picks up where it
+stopped (an unfinished run's directory is cleared and the run starts over). Flags that sweep.py does not know
+are passed to every train.py run (e.g. --eval quick, --epochs 1); they are recorded per run, and resuming
+a run with different flags is refused rather than silently mixed.
+
+Grid axes, each a comma list, each applied only to the methods it concerns (a method gets its preset value
+from methods.py when the axis is not given):
+    --lr               every method          --lora-r           lora
+    --ewc-lambda       ewc                   --replay-fraction  replay
+
+Outputs in DIR:
+    sweep.csv   one row per finished run
+    sweep.md    mean ± sample std over seeds for each (method, params)
+    sweep.png   domain gain (x) against forgetting (y), one point per run, the Pareto front drawn
+                (needs matplotlib, an optional dependency: without it the png is skipped with a note)
+    logs/       each run's console output
+
+Columns, all read from the run's results.json ("before"/"after" = evaluation before/after fine-tuning):
+    domain_acc        after: held-out domain questions answered correctly (whole-word match)
+    domain_nll        after: NLL of the held-out domain reference answers, nats/token
+    general_qa_acc    after: general QA accuracy
+    general_nll       after: NLL of held-out general prose, nats/token
+    checklist_score   after: severity-weighted instruction checklist score (only with --eval full)
+    tokens            non-pad tokens processed in training
+    wall_s            wall time of the whole train.py process (evaluations included)
+    peak_mem_mb       peak memory of the run: train.py's own figure when it reports one (training.peak_mem_mb),
+                      else the train.py process's peak resident set size (CPU memory)
+    domain_gain       domain_nll before − after: what the run learnt, in nats/token (higher = learnt more)
+    forgetting        general_nll after − before: what it forgot, in nats/token (higher = forgot more)
+    qa_drop           general_qa_acc before − after
+The NLLs are the primary axes: they move smoothly with the weights, while accuracies over a few dozen
+questions move in coarse steps. A good mitigation sits bottom right: large gain, little forgetting.
+Biderman et al. (2024, "LoRA Learns Less and Forgets Less") draw the same picture for LoRA vs full fine-tuning.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from errors import ForgetlabError, run_cli  # noqa: E402
+
+# axis flag -> (train.py flag, short label in run names and params, methods it applies to; None = all)
+AXES = {
+    "lr": ("--lr", "lr", None),
+    "lora_r": ("--lora-r", "r", ("lora",)),
+    "ewc_lambda": ("--ewc-lambda", "lambda", ("ewc",)),
+    "replay_fraction": ("--replay-fraction", "replay", ("replay",)),
+}
+COLUMNS = ["method", "params", "seed", "domain_acc", "domain_nll", "general_qa_acc", "general_nll",
+           "checklist_score", "tokens", "wall_s", "peak_mem_mb", "domain_gain", "forgetting", "qa_drop", "run"]
+METRICS = COLUMNS[3:14]  # the numeric columns, averaged over seeds in sweep.md
+DECIMALS = dict(domain_acc=3, general_qa_acc=3, checklist_score=3, qa_drop=3, domain_nll=4, general_nll=4,
+                domain_gain=4, forgetting=4, tokens=0, wall_s=0, peak_mem_mb=0)  # in sweep.md
+RESERVED = ("--out", "--method", "--seed")  # set by the sweep itself for each run (and --model with --quick)
+# --quick: train.py flags for a tiny random model (4 optimizer steps, quick evaluation)
+QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4", "--fisher-samples", "8",
+                     "--max-len", "128"]
+QUICK_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+@dataclass
+class Run:
+    method: str
+    params: dict  # axis -> value as typed, e.g. {"ewc_lambda": "100"}
+    seed: int
+
+    @property
+    def params_label(self) -> str:
+        """"lambda=100,lr=1e-4", or "" for the method's presets."""
+        return ",".join(f"{AXES[a][1]}={v}" for a, v in self.params.items())
+
+    @property
+    def name(self) -> str:
+        parts = [self.method] + [f"{AXES[a][1]}{v}" for a, v in self.params.items()] + [f"seed{self.seed}"]
+        return "-".join(parts)
+
+    def train_flags(self) -> list[str]:
+        flags = ["--method", self.method, "--seed", str(self.seed)]
+        for axis, value in self.params.items():
+            flags += [AXES[axis][0], value]
+        return flags
+
+
+def split_list(text: str, flag: str, kind=float) -> list[str]:
+    """A comma list, each value checked to parse as `kind` but kept as typed (it names the run)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ForgetlabError(f"{flag}: empty list")
+    for v in values:
+        try:
+            kind(v)
+        except ValueError:
+            raise ForgetlabError(f"{flag}: {v!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if len(set(values)) != len(values):
+        raise ForgetlabError(f"{flag}: a value appears twice in {text!r}")
+    return values
+
+
+def expand_grid(methods: list[str], seeds: list[int], axes: dict[str, list[str]]) -> list[Run]:
+    """Every method x the values of each axis that concerns it x every seed, seeds innermost."""
+    runs = []
+    for method in methods:
+        combos = [{}]
+        for axis, values in axes.items():
+            applies_to = AXES[axis][2]
+            if values and (applies_to is None or method in applies_to):
+                combos = [{**c, axis: v} for c in combos for v in values]
+        runs += [Run(method, c, seed) for c in combos for seed in seeds]
+    return runs
+
+
+# ----------------------------------------------------------------------------- running
+
+def quick_model(out: Path) -> Path:
+    """A tiny random Llama with SmolLM2's config shrunk and its tokenizer, in out/tiny-model (made once)."""
+    import torch
+
+    from model import Llama, LlamaConfig, save_pretrained
+    from model.convert_gguf import prepare_default_model
+
+    path = out / "tiny-model"
+    if all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return path
+
+    src = prepare_default_model()
+    config = {**json.loads((src / "config.json").read_text()), **QUICK_MODEL}
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf_dict(config))
+    model.init_weights()
+    return save_pretrained(model, path, copy_tokenizer_from=src)
+
+
+def peak_rss_mb(rusage) -> float:
+    """ru_maxrss is in kilobytes on Linux, in bytes on macOS."""
+    return rusage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def run_train(argv: list[str], log: Path, env: dict) -> tuple[int, float, float]:
+    """Run train.py with argv in a child process, its output to `log`. Returns (exit code, wall seconds,
+    peak RSS of the child in MiB, from the kernel's own accounting of that one process)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], stdout=f, stderr=subprocess.STDOUT,
+                                env=env)
+        try:
+            _, status, rusage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.time() - t0, peak_rss_mb(rusage)
+
+
+def tail(path: Path, n: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def run_all(runs: list[Run], out: Path, extra: list[str], env: dict) -> list[str]:
+    """Run every unfinished grid point; returns the names of the runs that failed."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, run in enumerate(runs, 1):
+        run_dir = out / run.name
+        argv = [*run.train_flags(), *extra, "--out", str(run_dir)]
+        label = f"[{i}/{len(runs)}] {run.name}"
+        if (run_dir / "results.json").is_file():
+            check_same_flags(run_dir, argv, out)
+            print(f"{label}: done before, skipped", file=sys.stderr)
+            continue
+        if run_dir.exists():
+            print(f"{label}: clearing an unfinished run", file=sys.stderr)
+            shutil.rmtree(run_dir)
+        print(f"{label}: running", file=sys.stderr)
+        log = out / "logs" / f"{run.name}.log"
+        code, wall, peak = run_train(argv, log, env)
+        if code != 0 or not (run_dir / "results.json").is_file():
+            print(f"{label}: FAILED (exit {code}); the end of {log}:\n{tail(log)}", file=sys.stderr)
+            failed.append(run.name)
+            continue
+        (run_dir / "sweep.json").write_text(json.dumps(dict(argv=argv, wall_s=wall, peak_rss_mb=peak), indent=2))
+        print(f"{label}: done in {wall:.0f} s", file=sys.stderr)
+    return failed
+
+
+def check_same_flags(run_dir: Path, argv: list[str], out: Path):
+    """ForgetlabError if the finished run was made with other train.py flags. Paths inside the sweep directory
+    are compared relative to it, so a moved sweep directory still resumes."""
+    record = run_dir / "sweep.json"
+    if record.is_file():
+        before = json.loads(record.read_text())["argv"]
+        old_out = Path(before[before.index("--out") + 1]).parent if "--out" in before else out
+        relative = lambda args, root: [a.replace(str(root), "{sweep}") for a in args]  # noqa: E731
+        if relative(before, old_out) != relative(argv, out):
+            raise ForgetlabError(f"{run_dir}: finished with other train flags ({' '.join(before)}); "
+                                 f"use another --out for this sweep")
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def metric(results: dict, stage: str, task: str, key: str):
+    res = (results.get(stage) or {}).get(task) or {}
+    value = res.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def collect_row(run: Run, run_dir: Path) -> dict:
+    """One CSV row from a finished run's results.json (and sweep.json, when the sweep made the run)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    training = results.get("training", {})
+    record = json.loads((run_dir / "sweep.json").read_text()) if (run_dir / "sweep.json").is_file() else {}
+    row = dict(method=run.method, params=run.params_label, seed=run.seed, run=run.name,
+               domain_acc=metric(results, "after", "domain", "accuracy"),
+               domain_nll=metric(results, "after", "domain", "nll"),
+               general_qa_acc=metric(results, "after", "general_qa", "accuracy"),
+               general_nll=metric(results, "after", "ppl", "nll"),
+               checklist_score=metric(results, "after", "checklist", "score"),
+               tokens=training.get("tokens"),
+               wall_s=record.get("wall_s", training.get("total_seconds")),
+               peak_mem_mb=training.get("peak_mem_mb", record.get("peak_rss_mb")))
+    row["domain_gain"] = diff(metric(results, "before", "domain", "nll"), row["domain_nll"])
+    row["forgetting"] = diff(row["general_nll"], metric(results, "before", "ppl", "nll"))
+    row["qa_drop"] = diff(metric(results, "before", "general_qa", "accuracy"), row["general_qa_acc"])
+    return row
+
+
+def write_csv(rows: list[dict], path: Path):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r[k] is None else f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in COLUMNS})
+    path.write_text(buf.getvalue())
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1) of the values present; std None for fewer than two."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: one line per (method, params), each metric as mean ± std over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["params"]), []).append(r)
+    lines = ["| method | params | seeds | " + " | ".join(METRICS) + " |",
+             "|---|---|---:|" + "---:|" * len(METRICS)]
+    for (method, params), rs in groups.items():
+        cells = []
+        for k in METRICS:
+            m, s = mean_std([r[k] for r in rs])
+            d = DECIMALS[k]
+            cells.append("" if m is None else f"{m:.{d}f}" + ("" if s is None else f" ± {s:.{d}f}"))
+        lines.append(f"| {method} | {params or '(preset)'} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (gain higher or equal and forgetting lower or equal, one
+    strictly), sorted by gain. Along the front, more gain always costs more forgetting."""
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """sweep.png; False (and a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so sweep.png is skipped (pip install matplotlib)", file=sys.stderr)
+        return False
+    pts = [r for r in rows if r["domain_gain"] is not None and r["forgetting"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    labels = sorted({(r["method"], r["params"]) for r in pts})
+    markers = "osD^v<>ph*"
+    for i, (method, params) in enumerate(labels):
+        group = [r for r in pts if (r["method"], r["params"]) == (method, params)]
+        ax.scatter([r["domain_gain"] for r in group], [r["forgetting"] for r in group], marker=markers[i % 10],
+                   s=36, label=f"{method} {params}".strip())
+    front = pareto_front([(r["domain_gain"], r["forgetting"]) for r in pts])
+    if front:
+        ax.plot(*zip(*front), "k--", lw=1, marker="o", ms=11, mfc="none", label="Pareto front")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("domain gain: held-out domain NLL drop (nats/token)  →  learns more")
+    ax.set_ylabel("forgetting: general-text NLL rise (nats/token)  →  forgets more")
+    ax.set_title("Learning vs forgetting, one point per run")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: "--seed 3" must not be read as "--seeds 3", nor any train.py flag as a sweep flag
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                epilog="Other flags are passed to every train.py run.")
+    p.add_argument("--methods", default="full,lora,ewc,replay", help="comma list of train.py methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    p.add_argument("--lr", default=None, help="comma list of peak learning rates (all methods)")
+    p.add_argument("--lora-r", default=None, help="comma list of LoRA ranks (lora)")
+    p.add_argument("--ewc-lambda", default=None, help="comma list of EWC strengths (ewc)")
+    p.add_argument("--replay-fraction", default=None, help="comma list of replay fractions (replay)")
+    p.add_argument("--out", default="runs/sweep", help="sweep directory")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random model with SmolLM2's tokenizer, 4 steps, quick eval: for tests and smoke runs")
+    return p
+
+
+def main(argv=None):
+    args, extra = build_parser().parse_known_args(argv)
+    for flag in RESERVED + (("--model",) if args.quick else ()):
+        if any(a == flag or a.startswith(flag + "=") for a in extra):
+            raise ForgetlabError(f"{flag} is set by the sweep for each run; it cannot be passed through")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from methods import get_method, load_method_file
+    if "--method-file" in extra[:-1]:
+        load_method_file(extra[extra.index("--method-file") + 1])  # so that its methods can be checked here
+    for m in methods:
+        get_method(m)  # an unknown name fails now, not after hours of other runs
+    seeds = [int(s) for s in split_list(args.seeds, "--seeds", int)]
+    axes = {"lr": args.lr, "lora_r": args.lora_r, "ewc_lambda": args.ewc_lambda,
+            "replay_fraction": args.replay_fraction}
+    axes = {a: split_list(v, "--" + a.replace("_", "-"), int if a == "lora_r" else float) if v else None
+            for a, v in axes.items()}
+    runs = expand_grid(methods, seeds, axes)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.quick:
+        extra = [*QUICK_TRAIN_FLAGS, *extra, "--model", str(quick_model(out))]
+        env.setdefault("OMP_NUM_THREADS", "1")  # a tiny model's ops are too small to share between threads
+    print(f"sweep: {len(runs)} runs into {out}", file=sys.stderr)
+    failed = run_all(runs, out, extra, env)
+
+    rows = [collect_row(r, out / r.name) for r in runs if (out / r.name / "results.json").is_file()]
+    write_csv(rows, out / "sweep.csv")
+    table = summary_table(rows)
+    (out / "sweep.md").write_text(f"# Sweep: {len(rows)} runs\n\nmean ± sample std over seeds; column "
+                                  f"definitions in scripts/sweep.py.\n\n{table}\n")
+    plotted = plot(rows, out / "sweep.png")
+    print(table)
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}" + (f", {out / 'sweep.png'}" if plotted else ""),
+          file=sys.stderr)
+    if failed:
+        raise ForgetlabError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}): see {out / 'logs'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

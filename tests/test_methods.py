@@ -1,0 +1,138 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import methods
+import train
+from errors import ForgetlabError
+from model import load_model
+from tests.test_train import read_metrics, tiny_args, tiny_data, tiny_dir  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The custom-mitigation example the README shows; test_readme_shows_this_example keeps the two identical.
+L2_INIT_EXAMPLE = '''\
+"""L2-to-init: pull the trained weights toward their values before fine-tuning (EWC with F = 1)."""
+from methods import Method, register
+
+
+@register("l2-init")
+class L2Init(Method):
+    defaults = {"lr": 1e-4}
+    strength = 1.0  # loss += strength / 2 * ||theta - theta_0||^2
+
+    def configure(self, model):
+        self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def extra_loss(self, model, step):
+        return self.strength / 2 * sum(((p - self.theta0[n]) ** 2).sum()
+                                       for n, p in model.named_parameters() if n in self.theta0)
+'''
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ForgetlabError) as e:
+        methods.get_method("ewk")
+    for name in ("full", "lora", "ewc", "replay", "safe", "risky"):
+        assert name in str(e.value)
+
+
+def test_register_rejects_a_class_that_is_not_a_method():
+    with pytest.raises(TypeError):
+        methods.register("broken")(object)
+
+
+def test_custom_method_file_runs_and_its_penalty_holds_weights_back(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    example = tmp_path / "l2_init.py"
+    example.write_text(L2_INIT_EXAMPLE)
+    assert len(L2_INIT_EXAMPLE.splitlines()) <= 30
+    runs = {}
+    for name, extra in [("l2", ["--method-file", str(example), "--method", "l2-init"]), ("full", ["--lr", "1e-4"])]:
+        out = tmp_path / name
+        train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "3", *extra))
+        runs[name] = out
+    config = json.loads((runs["l2"] / "config.json").read_text())
+    assert config["method"] == "l2-init" and config["lr"] == 1e-4  # its preset applied
+    metrics = read_metrics(runs["l2"])
+    assert metrics[0]["extra_loss"] == 0.0 and metrics[-1]["extra_loss"] > 0.0
+    assert "l2-init" in methods.REGISTRY
+
+
+def test_readme_shows_this_example():
+    readme = (REPO / "README.md").read_text() if (REPO / "README.md").is_file() else ""
+    if '@register("l2-init")' not in readme:
+        pytest.skip("README.md has no custom-method example yet")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert L2_INIT_EXAMPLE in blocks
+
+
+class Recorder(methods.Method):
+    calls: list = []  # class-level: train.main builds its own instance
+
+    def setup(self, model, tok, cfg, general_examples):
+        self.calls.append(("setup", len(general_examples)))
+
+    def configure(self, model):
+        self.calls.append(("configure",))
+
+    def extra_loss(self, model, step):
+        self.calls.append(("extra_loss", step))
+        return None
+
+    def after_step(self, model, step):
+        self.calls.append(("after_step", step))
+
+    def finish(self, model):
+        self.calls.append(("finish",))
+
+
+def test_hooks_are_called_in_the_documented_order(tiny_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(Recorder, "calls", [])
+    monkeypatch.setitem(methods.REGISTRY, "recorder", Recorder)
+    train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "run", "--method", "recorder", "--max-steps", "2",
+                         "--replay-fraction", "0.5"))
+    assert Recorder.calls == [("setup", 12), ("configure",), ("extra_loss", 0), ("after_step", 0),
+                              ("extra_loss", 1), ("after_step", 1), ("finish",)]
+
+
+def test_lora_trains_only_the_adapters(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    from lora import load_adapter
+
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "lora", "--max-steps", "3"))
+    base = load_model(tiny_dir)
+    adapted = load_adapter(load_model(tiny_dir), out / "adapter")
+    b, a = base.state_dict(), adapted.state_dict()
+    assert all(torch.equal(b[n], a[n]) for n in b)  # base weights untouched
+    assert any(a[n].abs().max() > 0 for n in a if "lora_B" in n)  # B starts at 0: it trained
+
+
+def test_ewc_keeps_weights_closer_to_the_start_than_full_fine_tuning(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    start = load_model(tiny_dir).state_dict()
+    distance = {}
+    for method, extra in [("full", []), ("ewc", ["--ewc-lambda", "1e6", "--fisher-normalize", "max"])]:
+        out = tmp_path / method
+        train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "10", "--lr", "1e-2", *extra))
+        end = load_model(out / "model").state_dict()
+        # the embedding rows of tokens absent from the general data have F = 0 and move freely: leave them out
+        distance[method] = sum(float((end[n] - start[n]).pow(2).sum()) for n in start if "embed" not in n)
+    assert distance["ewc"] < 0.5 * distance["full"]
+
+
+def test_ewc_state_dict_round_trips(tiny_dir, tiny_data):  # noqa: F811
+    from model.tokenizer import Tokenizer
+    from data import load_dataset, tokenize_dataset
+
+    model, tok = load_model(tiny_dir), Tokenizer.from_dir(tiny_dir)
+    cfg, method = train.parse_config(["--method", "ewc", "--fisher-samples", "4"])
+    general, _ = tokenize_dataset(tok, load_dataset(tiny_data[1]), 256)
+    method.setup(model, tok, cfg, general)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    for f in method.ewc.fisher:
+        f.zero_()
+    method.load_state_dict(state)
+    assert all(torch.equal(state[k], v) for k, v in method.state_dict().items())
+    assert any(f.abs().max() > 0 for f in method.ewc.fisher)

@@ -1,0 +1,236 @@
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from data import batches_by_length, load_dataset, tokenize_dataset
+from errors import ForgetlabError, run_cli
+from model import load_model, save_pretrained
+from model.tokenizer import Tokenizer
+from tests.tiny import tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAIN = [{"prompt": f"What is drug {i}?", "completion": f"Drug {i} is a medicine number {i}."} for i in range(24)]
+GENERAL = [{"instruction": f"Name a color, {i}.", "input": "", "output": "Blue."} for i in range(12)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm_dir):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer files: train.py runs on it in seconds."""
+    model = tiny_llama(vocab_size=49152, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    return str(save_pretrained(model, tmp_path_factory.mktemp("tiny"), copy_tokenizer_from=smollm_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "domain.jsonl", DOMAIN), write_jsonl(d / "general.jsonl", GENERAL)
+
+
+def tiny_args(tiny_dir, tiny_data, out, *extra):
+    domain, general = tiny_data
+    return ["--model", tiny_dir, "--data", domain, "--general-data", general, "--out", str(out),
+            "--eval", "none", "--batch-size", "4", "--fisher-samples", "8", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+def test_lr_schedule_values_at_chosen_steps():
+    lr, w, n = 1e-3, 4, 24
+    assert train.get_lr(0, lr, w, n, "cosine") == pytest.approx(lr / 5)  # warmup: lr (it+1)/(w+1)
+    assert train.get_lr(3, lr, w, n, "cosine") == pytest.approx(lr * 4 / 5)
+    assert train.get_lr(4, lr, w, n, "cosine") == pytest.approx(lr)  # peak right after warmup
+    assert train.get_lr(14, lr, w, n, "cosine") == pytest.approx(lr / 2)  # halfway through the decay
+    assert train.get_lr(9, lr, w, n, "cosine") == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert train.get_lr(14, lr, w, n, "linear") == pytest.approx(lr / 2)
+    assert train.get_lr(19, lr, w, n, "linear") == pytest.approx(lr / 4)
+    assert train.get_lr(14, lr, w, n, "constant") == lr
+    assert train.get_lr(n, lr, w, n, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert train.get_lr(0, lr, 0, n, "linear") == lr  # no warmup: the first step uses the peak
+
+
+def test_weight_decay_applies_to_matrices_only_and_skips_frozen_parameters():
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    opt = train.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(no_decay["params"]) == 2 * 2 + 1  # two norms per layer, final norm
+    n_trainable = sum(p.requires_grad for p in model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
+    assert not any(p is model.model.embed_tokens.weight for p in decay["params"])
+
+
+def test_gradient_accumulation_of_4x1_equals_one_batch_of_4():
+    torch.manual_seed(0)
+    lengths, n_prompt = [5, 9, 13, 7], [2, 4, 1, 3]  # different labelled-token counts per example
+    examples = []
+    for L, p in zip(lengths, n_prompt):
+        ids = torch.randint(3, 101, (L,)).tolist()
+        examples.append(dict(input_ids=ids, labels=[-100] * p + ids[p:]))
+    big = batches_by_length(examples, 4, pad_id=0, shuffle=False)
+    small = batches_by_length(examples, 1, pad_id=0, shuffle=False)
+    grads, losses = [], []
+    for micro in (big, small):
+        model = tiny_llama().train()
+        loss, tokens = train.accumulate_gradients(model, micro, "cpu", torch.autocast("cpu", enabled=False))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        losses.append((loss, tokens))
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert losses[0][1] == losses[1][1] == sum(lengths)  # non-pad tokens only
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=0, msg=name)
+    assert max(g.abs().max() for g in grads[0].values()) > 1e-3  # the comparison is not between zeros
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_method_presets_replace_defaults_but_explicit_flags_win():
+    cfg, _ = train.parse_config(["--method", "safe"])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.grad_accum, cfg.warmup, cfg.schedule, cfg.weight_decay) == \
+        (2e-5, 3, 4, 4, 0.05, "cosine", 0.01)
+    cfg, _ = train.parse_config(["--method", "risky"])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.warmup) == (5e-5, 10, 1, 0.0)
+    default_lr = train.TrainConfig().lr
+    cfg, _ = train.parse_config(["--method", "safe", "--lr", str(default_lr), "--epochs", "1"])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size) == (default_lr, 1, 4)  # typed flags win even when equal to defaults
+    cfg, _ = train.parse_config(["--method", "replay"])
+    assert cfg.replay_fraction == 0.15
+    cfg, _ = train.parse_config(["--method", "lora", "--replay-fraction", "0.15"])
+    assert cfg.replay_fraction == 0.15 and cfg.lr == 1e-3
+
+
+def test_help_explains_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--model", "--data", "--general-data", "--out", "--epochs", "--max-steps", "--lr", "--batch-size",
+                 "--grad-accum", "--max-len", "--seed", "--eval", "--method", "--replay-fraction", "--compile",
+                 "--grad-ckpt"):
+        assert flag in text, flag
+    assert "(default: 256)" in text and "(default: full)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "known methods: "),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--warmup", "1.5"], "--warmup must be in [0, 1)"),
+    (["--method-file", "no_such_method.py"], "no_such_method.py: method file not found"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(ForgetlabError, match=re.escape(message)):
+        train.parse_config(argv)
+
+
+# ----------------------------------------------------------------------------- whole runs on a tiny model
+
+@pytest.mark.parametrize("method", ["full", "lora", "ewc", "replay", "safe", "risky"])
+def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, tiny_data, tmp_path, method):
+    out = tmp_path / "run"
+    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3"))
+    files = sorted(p.name for p in out.iterdir())
+    saved = "adapter" if method == "lora" else "model"
+    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved])
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["total_steps"] == 3
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) and m["tokens_per_second"] > 0 for m in metrics)
+    assert json.loads((out / "results.json").read_text())["training"]["steps"] == 3 == results["training"]["steps"]
+    assert "## Training" in (out / "report.md").read_text()
+    if method == "ewc":  # the penalty is 0 at the anchor and grows as the weights move
+        assert metrics[0]["extra_loss"] == 0.0 and metrics[2]["extra_loss"] > 0
+    if method == "replay":
+        assert results["training"]["replay_examples"] == int(len(DOMAIN) * 0.15)
+    if method == "lora":
+        assert (out / "adapter" / "adapter_config.json").is_file()
+        assert results["training"]["trainable_params"] < results["training"]["total_params"] / 10
+    else:
+        assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+
+
+def test_a_run_is_deterministic_with_a_seed_and_changes_with_another(tiny_dir, tiny_data, tmp_path):
+    runs = [(tmp_path / "a", "0"), (tmp_path / "b", "0"), (tmp_path / "c", "1")]
+    for out, seed in runs:
+        train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "lora", "--max-steps", "4", "--seed", seed))
+    losses = [[m["loss"] for m in read_metrics(out)] for out, _ in runs]
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+
+
+def test_one_epoch_processes_every_non_pad_token_once(tiny_dir, tiny_data, tmp_path, smollm_dir):
+    out = tmp_path / "run"
+    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--epochs", "1", "--grad-accum", "2"))
+    examples, _ = tokenize_dataset(Tokenizer.from_dir(smollm_dir), load_dataset(tiny_data[0]), 256)
+    assert results["training"]["steps"] == math.ceil(math.ceil(len(DOMAIN) / 4) / 2) == 3
+    assert results["training"]["tokens"] == sum(len(e["input_ids"]) for e in examples)
+
+
+def test_full_fine_tune_saves_weights_that_reload_and_differ_from_the_start(tiny_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "2", "--lr", "1e-2"))
+    before, after = load_model(tiny_dir), load_model(out / "model")
+    assert not torch.equal(before.model.norm.weight, after.model.norm.weight)
+
+
+def test_quick_eval_writes_before_after_and_comparison(tiny_dir, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(train.EVAL_LEVELS, "quick", {"general_qa": 2, "ppl": 2, "domain": 2})
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1")
+    argv[argv.index("--eval") + 1] = "quick"
+    results = train.main(argv)
+    assert set(results) == {"training", "before", "after", "comparison"}
+    assert "accuracy_drop" in results["comparison"]
+    assert "Forgetting report" in (out / "report.md").read_text()
+
+
+def test_bad_data_exits_2_with_one_line_and_writes_nothing(tiny_dir, tiny_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 7}\n')
+    cases = [(str(tmp_path / "missing.jsonl"), "missing.jsonl: file not found"),
+             (str(bad), "bad.jsonl:2: field 'completion' must be a string, got int")]
+    for path, message in cases:
+        argv = tiny_args(tiny_dir, tiny_data, tmp_path / "out")
+        argv[argv.index("--data") + 1] = path
+        with pytest.raises(SystemExit) as e:
+            run_cli(train.main, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{not json}\n')
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(bad), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: {bad}:2: malformed JSON") and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_an_existing_non_empty_output_directory_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(ForgetlabError, match="already exists"):
+        train.parse_config(["--out", str(tmp_path / "out")])

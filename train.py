@@ -1,0 +1,360 @@
+"""Fine-tune a Llama on a domain dataset with a forgetting mitigation, and measure what it forgot.
+
+    python train.py --method ewc                       # the lesson, end to end, on the default model and data
+    python train.py --method lora --replay-fraction 0.15
+    python train.py --method-file my_method.py --method l2-init
+
+The run: evaluate general capability -> method setup (e.g. Fisher on general data) -> fine-tune on --data ->
+method finish -> evaluate again -> write the forgetting report. A plain PyTorch loop, top to bottom: AdamW,
+warmup then cosine/linear/constant decay, gradient accumulation, clipping, bf16 autocast on CUDA with float32
+master weights.
+
+Output directory (--out, default runs/<method>-<timestamp>):
+    config.json     every resolved argument
+    metrics.jsonl   one line per optimizer step (loss, lr, grad norm, tokens, tokens/s)
+    adapter/        the LoRA adapter in PEFT's format, when the method trained adapters, else
+    model/          the fine-tuned model in Hugging Face's format
+    results.json    before / after evaluation and their comparison, plus the training summary
+    report.md       the same, readable
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import batches_by_length, create_replay_dataset, load_dataset, tokenize_dataset
+from errors import ForgetlabError, run_cli
+from eval import compare_forgetting, evaluate, format_report
+from lora import lora_state_dict, save_adapter
+from methods import REGISTRY, get_method, load_method_file
+from model import load_pretrained, save_pretrained
+from model.checkpoint import write_atomic_text
+
+REPO = Path(__file__).resolve().parent
+# --eval level -> {task: row limit (None = the whole file)}. MMLU's 1,542 validation questions alone would take
+# longer than the rest of the job on a CPU, so `full` scores an evenly spaced 128 of them. General QA is asked as
+# a chat turn, the way the instruct model (and its fine-tuning data) is used: as a plain "Question: ... Answer:"
+# completion the base SmolLM2-Instruct often ends its turn at once, so that accuracy mostly measures how often
+# the model answers at all, and fine-tuning on answer-first data changes that more than what the model knows.
+EVAL_LEVELS = {
+    "full": {"general_qa": None, "checklist": None, "mc": 128, "ppl": None, "domain": None},
+    "quick": {"general_qa": 64, "ppl": 32, "domain": 32},
+}
+
+
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class TrainConfig:
+    method: str = arg("full", "mitigation to use (see methods.py); its preset overrides the defaults below "
+                              "unless the flag is given")
+    method_file: str | None = arg(None, "Python file that @register()s a custom method, imported before --method "
+                                        "is looked up")
+    model: str | None = arg(None, "HF-format Llama directory (default: SmolLM2-135M-Instruct, prepared on first use)")
+    data: str = arg(str(REPO / "data" / "drug_qa.jsonl"), "domain training set (JSONL: text, prompt/completion, "
+                                                          "Alpaca or chat rows)")
+    general_data: str = arg(str(REPO / "data" / "general_instructions.jsonl"),
+                            "general-capability data for replay and for the EWC Fisher")
+    out: str | None = arg(None, "output directory (default: runs/<method>-<timestamp>); must not hold files")
+    epochs: int = arg(1, "passes over the training set")
+    max_steps: int = arg(0, "optimizer steps; 0 = as many as --epochs gives (set, it overrides --epochs)")
+    lr: float = arg(2e-4, "peak learning rate")
+    schedule: str = arg("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
+    warmup: float = arg(0.05, "fraction of the steps spent warming the lr up linearly from 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay (decoupled), on matrices only, never on norms or biases")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.999, "AdamW beta2")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value; 0 = off")
+    batch_size: int = arg(8, "examples per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
+    max_len: int = arg(256, "truncate longer examples to this many tokens (the count is reported)")
+    replay_fraction: float = arg(0.0, "mix int(len(data) x this) --general-data examples into the training set")
+    seed: int = arg(0, "seed for data order, replay sampling, adapter init and dropout")
+    eval: str = arg("full", "before/after evaluation: full, quick (fewer tasks and items), none",
+                    choices=("full", "quick", "none"))
+    eval_batch_size: int = arg(16, "batch size for evaluation")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: float = arg(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = arg(0.1, "dropout on the LoRA path's input")
+    lora_targets: str = arg("q_proj,v_proj", "comma-separated module names that get LoRA adapters")
+    ewc_lambda: float = arg(0.5, "EWC strength lambda in lambda/2 * sum F (theta - theta*)^2")
+    fisher_samples: int = arg(64, "general examples used to estimate the Fisher")
+    fisher_estimator: str = arg("empirical", "Fisher estimator (see ewc.py)", choices=("empirical", "batch", "true"))
+    fisher_normalize: str = arg("mean", "Fisher normalization (see ewc.py)", choices=("none", "mean", "max"))
+    device: str = arg("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    compile: bool = arg(False, "torch.compile the model for training")
+    grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
+
+
+def describe_methods() -> str:
+    """"full; lora (lr=0.001); ..." for --help: each registered method with its preset."""
+    def preset(cls):
+        return f" ({', '.join(f'{k}={v}' for k, v in cls.defaults.items())})" if cls.defaults else ""
+    return "; ".join(name + preset(cls) for name, cls in REGISTRY.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (--grad-accum for grad_accum), its help text and default from the field."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"] + (f". Registered: {describe_methods()}" if f.name == "method" else "")
+        kw = dict(default=f.default, help=help)
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", **kw)
+        else:
+            typ = {"int": int, "float": float}.get(getattr(f.type, "__name__", ""), str)
+            p.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
+    return p
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, object]:
+    """Flags -> (TrainConfig, method). Method presets replace dataclass defaults; explicit flags win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.method_file:
+        load_method_file(args.method_file)
+    method = get_method(args.method)
+    unknown = set(method.defaults) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ForgetlabError(f"method {args.method!r}: defaults name unknown settings {sorted(unknown)}")
+    parser.set_defaults(**method.defaults)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    checks = [(cfg.lr > 0, "--lr must be > 0"),
+              (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+              (cfg.grad_accum >= 1, "--grad-accum must be >= 1"),
+              (cfg.max_len >= 2, "--max-len must be >= 2"),
+              (cfg.epochs >= 1 or cfg.max_steps > 0, "--epochs must be >= 1 (or give --max-steps)"),
+              (cfg.max_steps >= 0, "--max-steps must be >= 0"),
+              (0 <= cfg.warmup < 1, "--warmup must be in [0, 1)"),
+              (cfg.replay_fraction >= 0, "--replay-fraction must be >= 0"),
+              (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
+              (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
+              (cfg.fisher_samples >= 1, "--fisher-samples must be >= 1"),
+              (cfg.lora_r >= 1, "--lora-r must be >= 1"),
+              (cfg.ewc_lambda >= 0, "--ewc-lambda must be >= 0")]
+    for ok, msg in checks:
+        if not ok:
+            raise ForgetlabError(msg)
+    if cfg.out and Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or any(Path(cfg.out).iterdir())):
+        raise ForgetlabError(f"{cfg.out}: output directory already exists and is not empty")
+    return cfg, method
+
+
+def get_lr(it: int, lr: float, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Learning rate of optimizer step `it` (0-based): linear warmup to lr over warmup_steps, then decay to 0 at
+    total_steps, cosine (Loshchilov & Hutter 2017: lr/2 (1 + cos(pi t))), linear (lr (1 - t)) or constant."""
+    if it < warmup_steps:
+        return lr * (it + 1) / (warmup_steps + 1)
+    t = min(1.0, (it - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return lr * (1.0 - t)
+    return lr
+
+
+def configure_optimizers(model, weight_decay: float, lr: float, betas, device_type: str):
+    """AdamW (Loshchilov & Hutter 2019) over trainable parameters: matrices and embeddings (dim >= 2) decay,
+    norms and biases (dim < 2) do not, since shrinking a gain or an offset toward 0 is not a useful prior."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def count_targets(batch) -> int:
+    """Labelled positions that the loss averages over (labels[:, 0] is never a target: nothing precedes it)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[float, int]:
+    """Backward over one optimizer step's micro-batches so the gradient equals that of one big batch: each
+    micro-batch's mean loss is weighted by its share of the step's labelled tokens (a plain 1/grad_accum would
+    overweight short batches). Returns (the step's mean loss, the non-pad tokens processed)."""
+    n_total = sum(count_targets(b) for b in micro_batches)
+    loss_sum, tokens = 0.0, 0
+    for b in micro_batches:
+        n = count_targets(b)
+        if n == 0:
+            continue
+        with autocast:
+            loss = forward(b["input_ids"].to(device), labels=b["labels"].to(device),
+                           attention_mask=b["attention_mask"].to(device))
+        (loss * (n / n_total)).backward()
+        loss_sum += loss.item() * n
+        tokens += int(b["attention_mask"].sum())
+    return loss_sum / max(1, n_total), tokens
+
+
+def micro_batch_stream(examples, cfg, pad_id):
+    """Endless (epoch, micro-batches of one optimizer step) groups; each epoch reshuffles with seed + epoch."""
+    epoch = 0
+    while True:
+        batches = batches_by_length(examples, cfg.batch_size, pad_id, seed=cfg.seed + epoch)
+        for s in range(0, len(batches), cfg.grad_accum):
+            yield epoch, batches[s:s + cfg.grad_accum]
+        epoch += 1
+
+
+def run_eval(model, tok, cfg, stage: str):
+    if cfg.eval == "none":
+        return None
+    print(f"[{stage}] evaluating ({cfg.eval})", file=sys.stderr)
+    model.eval()
+    results = {}
+    with torch.no_grad():
+        for task, limit in EVAL_LEVELS[cfg.eval].items():
+            results |= evaluate(model, tok, tasks=(task,), limit=limit, batch_size=cfg.eval_batch_size, progress=True,
+                                chat_qa=True)
+    return results
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ForgetlabError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def training_summary_md(s: dict) -> str:
+    rows = [("method", s["method"]), ("steps", s["steps"]), ("epochs", f"{s['epochs']:.2f}"),
+            ("training examples", f"{s['examples']} ({s['replay_examples']} replay, {s['truncated']} truncated)"),
+            ("tokens processed", s["tokens"]), ("training time", f"{s['train_seconds']:.0f} s"),
+            ("tokens/s", f"{s['tokens_per_second']:.0f}"), ("final loss", f"{s['final_loss']:.4f}"),
+            ("trainable parameters", f"{s['trainable_params']:,} of {s['total_params']:,}"),
+            ("total time", f"{s['total_seconds']:.0f} s ("
+                           + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in s["seconds"].items()) + ")")]
+    return "## Training\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def main(argv=None):
+    t_start = time.time()
+    cfg, method = parse_config(argv)
+    device = resolve_device(cfg.device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # -- data first: a bad file must fail before anything slow happens or anything is written
+    domain_rows = load_dataset(cfg.data)
+    general_rows = load_dataset(cfg.general_data) if method.needs_general_data or cfg.replay_fraction > 0 else []
+    model, tok = load_pretrained(cfg.model, dtype=torch.float32, device=device)
+    domain, n_trunc = tokenize_dataset(tok, domain_rows, cfg.max_len)
+    general, n_trunc_general = tokenize_dataset(tok, general_rows, cfg.max_len)
+    if not domain:
+        raise ForgetlabError(f"{cfg.data}: no example has an answer token left within --max-len {cfg.max_len}")
+    if (method.needs_general_data or cfg.replay_fraction > 0) and not general:
+        raise ForgetlabError(f"{cfg.general_data}: no example has an answer token left within --max-len {cfg.max_len}")
+    train_set = domain
+    if cfg.replay_fraction > 0:
+        train_set = create_replay_dataset(domain, general, cfg.replay_fraction, cfg.seed)
+    n_batches = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup_steps = int(math.ceil(cfg.warmup * total_steps))
+    print(f"{len(domain)} domain examples ({n_trunc} truncated to {cfg.max_len} tokens), "
+          f"{len(train_set) - len(domain)} replay; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}",
+          file=sys.stderr)
+
+    # -- before: evaluate, then let the method look at the untouched model
+    t = time.time()
+    before = run_eval(model, tok, cfg, "before")
+    seconds = dict(load=t - t_start, eval_before=time.time() - t)
+    t = time.time()
+    method.setup(model, tok, cfg, general)
+    method.configure(model)
+    seconds["setup"] = time.time() - t
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    out = Path(cfg.out or f"runs/{method.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**dataclasses.asdict(cfg), "device": device, "total_steps": total_steps, "warmup_steps": warmup_steps}
+    write_atomic_text(out / "config.json", json.dumps(resolved, indent=2))
+
+    # -- train
+    model.gradient_checkpointing = cfg.grad_ckpt
+    forward = torch.compile(model) if cfg.compile else model  # hooks keep the raw model (its parameter names)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stream = micro_batch_stream(train_set, cfg, tok.pad_id)
+    tokens_total, loss, t0 = 0, float("nan"), time.time()
+    model.train()
+    bar = tqdm(total=total_steps, desc=f"train {method.name}", unit="step")
+    with open(out / "metrics.jsonl", "w") as log, bar:
+        for step in range(total_steps):
+            lr = get_lr(step, cfg.lr, warmup_steps, total_steps, cfg.schedule)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            epoch, micro = next(stream)
+            loss, tokens = accumulate_gradients(forward, micro, device, autocast)
+            extra = method.extra_loss(model, step)
+            if extra is not None:
+                extra.backward()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_step(model, step)
+            tokens_total += tokens
+            tok_s = tokens_total / (time.time() - t0)
+            record = dict(step=step + 1, epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_total,
+                          tokens_per_second=tok_s, time=time.time() - t0)
+            if extra is not None:
+                record["extra_loss"] = float(extra.detach())
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            bar.update(1)
+    seconds["train"] = train_seconds = time.time() - t0
+    method.finish(model)
+    model.eval()
+
+    # -- save, evaluate again, report
+    t = time.time()
+    if lora_state_dict(model):
+        save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model or ""))
+    else:
+        save_pretrained(model, out / "model", copy_tokenizer_from=tok.source)
+    seconds["save"] = time.time() - t
+    t = time.time()
+    after = run_eval(model, tok, cfg, "after")
+    seconds["eval_after"] = time.time() - t
+    summary = dict(method=method.name, steps=total_steps, epochs=total_steps / steps_per_epoch,
+                   examples=len(train_set), replay_examples=len(train_set) - len(domain), truncated=n_trunc,
+                   truncated_general=n_trunc_general, tokens=tokens_total, train_seconds=train_seconds,
+                   tokens_per_second=tokens_total / max(train_seconds, 1e-9), final_loss=loss,
+                   trainable_params=n_trainable, total_params=n_total, seconds=seconds,
+                   total_seconds=time.time() - t_start)
+    results = dict(training=summary)
+    report = f"# forgetlab: {method.name}\n\n"
+    if before is not None:
+        comparison = compare_forgetting(before, after)
+        results.update(before=before, after=after, comparison=comparison)
+        report += format_report(comparison) + "\n\n"
+    report += training_summary_md(summary)
+    write_atomic_text(out / "results.json", json.dumps(results, indent=2))
+    write_atomic_text(out / "report.md", report)
+    print(report)
+    print(f"wrote {out}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,242 @@
+"""Training checkpoints for `train.py --resume`: everything a run needs to continue bit for bit, nothing pickled.
+
+    <out>/checkpoints/step-<N>/
+        state.safetensors   model.<name>          trainable weights (LoRA adapters only, for a LoRA run)
+                            optimizer.<i>.<key>   the optimizer's per-parameter tensors (AdamW: step, exp_avg,
+                                                  exp_avg_sq), <i> its parameter index
+                            method.<key>          the method's tensors (EWC: fisher.*, anchor.*)
+                            rng.torch, rng.cuda.<i>   torch's CPU and CUDA generator states (uint8)
+        state.json          step, data position, Python and NumPy RNG states, optimizer hyper-parameters, the
+                            run's config, the byte size of state.safetensors
+
+What is not saved is recomputed exactly: the learning rate is a function of the step (train.get_lr), and the
+data order of epoch e is a function of (seed, e) (train.micro_batch_stream), so the position is the step.
+
+A checkpoint is written into step-<N>.tmp/, each file fsynced, then renamed to step-<N>/ and the parent
+directory fsynced: a crash or a SIGKILL at any point leaves either the complete new checkpoint or none, and
+the older ones untouched. The newest `keep` are kept. `find_latest` returns the newest that reads back
+completely, skipping (with a warning) one that does not.
+"""
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from errors import ForgetlabError
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(out) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def step_dirs(out) -> list[tuple[int, Path]]:
+    """(step, path) of the finished checkpoints under <out>/checkpoints, oldest first (.tmp ones excluded)."""
+    root = checkpoint_dir(out)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            n = p.name.removeprefix("step-")
+            if p.is_dir() and p.name.startswith("step-") and n.isdigit():
+                found.append((int(n), p))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of every generator a training step may draw from."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = dict(python=[version, list(mt), gauss], numpy=[name, keys.tolist(), pos, has_gauss, cached])
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]):
+    version, mt, gauss = meta["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+def optimizer_param_names(model, optimizer) -> list[str]:
+    """The model's name of each optimizer parameter, in the optimizer's index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def flatten_optimizer(optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """optimizer.state_dict() as (JSON part, named tensors): tensors become optimizer.<i>.<key>."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{i}.{k}"] = v
+            else:
+                scalars[f"{i}.{k}"] = v
+    return dict(param_groups=sd["param_groups"], scalars=scalars), tensors
+
+
+def unflatten_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        if name.startswith("optimizer."):
+            i, k = name[len("optimizer."):].split(".", 1)
+            state.setdefault(int(i), {})[k] = t
+    for name, v in meta["scalars"].items():
+        i, k = name.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------- write
+
+def fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out, step: int, model, optimizer, method, progress: dict, config: dict, keep: int = 2) -> Path:
+    """Write <out>/checkpoints/step-<step>/ atomically and delete all but the newest `keep` checkpoints.
+    `progress`: JSON-able run counters (data position, tokens, skipped batches) restored by the caller."""
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed mid-write
+    tmp.mkdir()
+    try:
+        rng_meta, rng_tensors = capture_rng()
+        opt_meta, opt_tensors = flatten_optimizer(optimizer)
+        tensors = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        tensors.update(opt_tensors)
+        tensors.update({f"method.{k}": v.detach() for k, v in method.state_dict().items()})
+        tensors.update(rng_tensors)
+        tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        meta = dict(version=FORMAT_VERSION, step=step, progress=progress, rng=rng_meta, optimizer=opt_meta,
+                    optimizer_params=optimizer_param_names(model, optimizer), config=config,
+                    sizes={STATE_TENSORS: (tmp / STATE_TENSORS).stat().st_size})
+        (tmp / STATE_JSON).write_text(json.dumps(meta))
+        for f in (STATE_TENSORS, STATE_JSON):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():  # a checkpoint of the same step that failed to read back, from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no half-written directory stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in step_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- read
+
+def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json, every tensor of state.safetensors) of one checkpoint directory, fully read and checked;
+    ForgetlabError naming the file if anything is missing, truncated or malformed."""
+    path = Path(path)
+    meta_file, tensor_file = path / STATE_JSON, path / STATE_TENSORS
+    for f in (meta_file, tensor_file):
+        if not f.is_file():
+            raise ForgetlabError(f"{f}: checkpoint file missing")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, OSError) as e:
+        raise ForgetlabError(f"{meta_file}: corrupted checkpoint metadata ({e})") from None
+    required = ("version", "step", "progress", "rng", "optimizer", "optimizer_params", "config", "sizes")
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise ForgetlabError(f"{meta_file}: not a training checkpoint (expected keys {', '.join(required)})")
+    if not (isinstance(meta["step"], int) and isinstance(meta["sizes"], dict) and isinstance(meta["progress"], dict)):
+        raise ForgetlabError(f"{meta_file}: malformed training checkpoint metadata")
+    if meta["version"] != FORMAT_VERSION:
+        raise ForgetlabError(f"{meta_file}: checkpoint format {meta['version']}, this code reads {FORMAT_VERSION}")
+    size = tensor_file.stat().st_size
+    if size != meta["sizes"].get(STATE_TENSORS):
+        raise ForgetlabError(f"{tensor_file}: truncated or replaced ({size} bytes, "
+                             f"{meta['sizes'].get(STATE_TENSORS)} were written)")
+    try:
+        with safe_open(tensor_file, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ForgetlabError(f"{tensor_file}: unreadable or truncated safetensors file ({e})") from None
+    if "rng.torch" not in tensors:
+        raise ForgetlabError(f"{tensor_file}: no rng.torch tensor (not a training checkpoint)")
+    return meta, tensors
+
+
+def find_latest(out) -> tuple[Path, dict, dict] | None:
+    """(path, state.json, tensors) of the newest checkpoint under <out> that reads back completely, None if
+    there is none at all. Unreadable ones are skipped with a warning; ForgetlabError if every one is."""
+    errors = []
+    for _, path in reversed(step_dirs(out)):
+        try:
+            meta, tensors = read_checkpoint(path)
+        except ForgetlabError as e:
+            print(f"warning: skipping checkpoint {path}: {e}", file=sys.stderr)
+            errors.append(str(e))
+            continue
+        return path, meta, tensors
+    if errors:
+        raise ForgetlabError(f"{checkpoint_dir(out)}: no readable checkpoint ({errors[0]})")
+    return None
+
+
+def apply_checkpoint(path, meta: dict, tensors: dict, model, optimizer, method):
+    """Load the weights, optimizer and method state of a checkpoint read by `read_checkpoint` into the run.
+    Everything is checked against the model before anything is changed, so a mismatch never half-loads.
+    RNG states are restored separately (`restore_rng`), right before the loop continues."""
+    file = Path(path) / STATE_TENSORS
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k[len("model."):]: t for k, t in tensors.items() if k.startswith("model.")}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        what = f"no tensor for trainable {missing[0]}" if missing else f"tensor {extra[0]} is not trainable here"
+        raise ForgetlabError(f"{file}: does not fit this run's model: {what} (another method or model?)")
+    for n, p in params.items():
+        if saved[n].shape != p.shape:
+            raise ForgetlabError(f"{file}: {n} has shape {tuple(saved[n].shape)}, the model's is {tuple(p.shape)}")
+    if meta["optimizer_params"] != optimizer_param_names(model, optimizer):
+        raise ForgetlabError(f"{file}: the optimizer state was saved for other parameters")
+    method_state = {k[len("method."):]: t for k, t in tensors.items() if k.startswith("method.")}
+    expected = method.state_dict()
+    if set(method_state) != set(expected):
+        raise ForgetlabError(f"{file}: the {method.name!r} method's state does not match the checkpoint's")
+    try:  # first: load_state_dict checks everything before it changes anything
+        optimizer.load_state_dict(unflatten_optimizer(meta["optimizer"], tensors))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ForgetlabError(f"{file}: optimizer state does not load ({type(e).__name__}: {e})") from None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    if method_state:
+        method.load_state_dict(method_state)
