@@ -12,6 +12,7 @@ Everything but plain text is rendered with the checkpoint's own chat template, a
 label: the loss is the model's likelihood of the answers given the prompts, not of the prompts themselves
 (prompt tokens get IGNORE_INDEX = -100, which the model's loss skips).
 """
+import codecs
 import json
 import random
 from pathlib import Path
@@ -33,22 +34,33 @@ ROLES = ("system", "user", "assistant")
 # ----------------------------------------------------------------------------- reading and validation
 
 def read_jsonl(path) -> list[tuple[int, dict]]:
-    """(line number, row) for each non-blank line of a JSONL file; every row must be a JSON object."""
+    """(line number, row) for each non-blank line of a JSONL file; every row must be a JSON object. Lines end
+    in \\n, \\r\\n or \\r; a UTF-8 byte-order mark is allowed. Any other problem is a ForgetlabError naming
+    the file and line: never a UnicodeDecodeError or a RecursionError from a hostile line."""
     path = Path(path)
     if not path.is_file():
         raise ForgetlabError(f"{path}: file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ForgetlabError(f"{path}: cannot read ({e.strerror})") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ForgetlabError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ForgetlabError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    for lineno, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ForgetlabError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ForgetlabError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ForgetlabError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise ForgetlabError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     if not rows:
         raise ForgetlabError(f"{path}: empty dataset (no JSON lines)")
     return rows

@@ -3,6 +3,8 @@
     python train.py --method ewc                       # the lesson, end to end, on the default model and data
     python train.py --method lora --replay-fraction 0.15
     python train.py --method-file my_method.py --method l2-init
+    python train.py --method lora --out runs/a --save-every 50        # killed? run it again with --resume:
+    python train.py --method lora --out runs/a --save-every 50 --resume
 
 The run: evaluate general capability -> method setup (e.g. Fisher on general data) -> fine-tune on --data ->
 method finish -> evaluate again -> write the forgetting report. A plain PyTorch loop, top to bottom: AdamW,
@@ -15,6 +17,13 @@ Output directory (--out, default runs/<method>-<timestamp>):
     adapter/        the LoRA adapter in PEFT's format, when the method trained adapters, else
     model/          the fine-tuned model in Hugging Face's format
     results.json    before / after evaluation and their comparison, plus the training summary
+    checkpoints/    with --save-every: step-<N>/ resumable training states, the last 2 (see train_state.py)
+
+Reliability: a run killed at any point and resumed with --resume ends with the same weights, bit for bit on
+CPU, as one never interrupted (the data order is a function of (seed, epoch), and the weights, optimizer, method
+and RNG states are restored). A non-finite loss or gradient stops the run with the step and the cause, leaving
+the last checkpoint intact (--skip-nonfinite N skips up to N such batches instead). Outputs are written to a
+temporary name and renamed, so Ctrl-C never leaves a half-written file.
     report.md       the same, readable
 """
 import argparse
@@ -22,7 +31,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,12 +44,13 @@ import torch
 from tqdm import tqdm
 
 from data import batches_by_length, create_replay_dataset, load_dataset, tokenize_dataset
-from errors import ForgetlabError, run_cli
+from errors import ArgumentParser, ForgetlabError, run_cli
 from eval import compare_forgetting, evaluate, format_report
 from lora import lora_state_dict, save_adapter
 from methods import REGISTRY, get_method, load_method_file
 from model import load_pretrained, save_pretrained
 from model.checkpoint import write_atomic_text
+from train_state import apply_checkpoint, find_latest, restore_rng, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 # --eval level -> {task: row limit (None = the whole file)}. MMLU's 1,542 validation questions alone would take
@@ -96,6 +108,18 @@ class TrainConfig:
     device: str = arg("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     compile: bool = arg(False, "torch.compile the model for training")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
+    save_every: int = arg(0, "write a resumable checkpoint to <out>/checkpoints every N optimizer steps and at the "
+                             "last one (the newest 2 are kept); 0 = off")
+    resume: bool = arg(False, "continue the run in --out from its newest readable checkpoint; give the run's "
+                              "flags again (only --max-steps/--epochs, --eval, --save-every, --skip-nonfinite, "
+                              "--device and --compile may change)")
+    skip_nonfinite: int = arg(0, "skip (no update) up to N optimizer steps whose loss or gradient is NaN or inf; "
+                                 "the next one stops the run")
+
+
+# Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
+RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_batch_size", "save_every", "skip_nonfinite",
+                     "device", "compile")
 
 
 def describe_methods() -> str:
@@ -107,7 +131,7 @@ def describe_methods() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field (--grad-accum for grad_accum), its help text and default from the field."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -145,13 +169,35 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
               (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
               (cfg.fisher_samples >= 1, "--fisher-samples must be >= 1"),
               (cfg.lora_r >= 1, "--lora-r must be >= 1"),
-              (cfg.ewc_lambda >= 0, "--ewc-lambda must be >= 0")]
+              (cfg.ewc_lambda >= 0, "--ewc-lambda must be >= 0"),
+              (cfg.save_every >= 0, "--save-every must be >= 0"),
+              (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
+              (not cfg.resume or cfg.out, "--resume needs --out, the directory of the run to continue")]
     for ok, msg in checks:
         if not ok:
             raise ForgetlabError(msg)
-    if cfg.out and Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or any(Path(cfg.out).iterdir())):
-        raise ForgetlabError(f"{cfg.out}: output directory already exists and is not empty")
+    if cfg.resume:
+        check_resumable(cfg)
+    elif cfg.out and Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or any(Path(cfg.out).iterdir())):
+        raise ForgetlabError(f"{cfg.out}: output directory already exists and is not empty (--resume continues it)")
     return cfg, method
+
+
+def check_resumable(cfg: TrainConfig):
+    """--resume: --out holds a run started with the same flags (but RESUME_MAY_CHANGE)."""
+    config_file = Path(cfg.out) / "config.json"
+    if not config_file.is_file():
+        raise ForgetlabError(f"{config_file}: not found: --resume continues a run that train.py started in --out")
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ForgetlabError(f"{config_file}: unreadable run config ({e})") from None
+    if not isinstance(saved, dict):
+        raise ForgetlabError(f"{config_file}: not a train.py run config")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != getattr(cfg, f.name):
+            raise ForgetlabError(f"--resume: --{f.name.replace('_', '-')} is {getattr(cfg, f.name)!r} but the run in "
+                                 f"{cfg.out} used {saved[f.name]!r}")
 
 
 def get_lr(it: int, lr: float, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -208,6 +254,54 @@ def micro_batch_stream(examples, cfg, pad_id):
         for s in range(0, len(batches), cfg.grad_accum):
             yield epoch, batches[s:s + cfg.grad_accum]
         epoch += 1
+
+
+def nonfinite_cause(loss: float, extra, grad_norm: float) -> str | None:
+    """What is not finite in an optimizer step, or None: a NaN/inf loss poisons every gradient, and a finite loss
+    can still overflow in backward (an inf gradient norm)."""
+    if not math.isfinite(loss):
+        return f"loss ({loss})"
+    if extra is not None and not torch.isfinite(extra.detach()).all():
+        return f"method loss ({float(extra.detach())})"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm ({grad_norm})"
+    return None
+
+
+def checkpoint_note(path) -> str:
+    return f"the last checkpoint, {path}, is intact" if path else "no checkpoint was written (see --save-every)"
+
+
+def resume_metrics(path: Path, step: int):
+    """Keep the metrics of steps 1..step (a run killed after its checkpoint logged a few more)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a line cut short by the kill: nothing after it is kept
+    write_atomic_text(path, "".join(kept))
+
+
+def save_outputs(model, tok, cfg, out: Path):
+    """The adapter (a LoRA run) or the whole model, written under a temporary name and renamed: an interrupted
+    save leaves no half-written directory."""
+    name = "adapter" if lora_state_dict(model) else "model"
+    final, tmp = out / name, out / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if name == "adapter":
+            save_adapter(model, tmp, base_model_name_or_path=str(cfg.model or ""))
+        else:
+            save_pretrained(model, tmp, copy_tokenizer_from=tok.source)
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run that had already saved
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run_eval(model, tok, cfg, stage: str):
@@ -285,7 +379,7 @@ def main(argv=None):
     out = Path(cfg.out or f"runs/{method.name}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**dataclasses.asdict(cfg), "device": device, "total_steps": total_steps, "warmup_steps": warmup_steps}
-    write_atomic_text(out / "config.json", json.dumps(resolved, indent=2))
+    write_atomic_text(out / "config.json", json.dumps(resolved, indent=2))  # on --resume: the flags now in force
 
     # -- train
     model.gradient_checkpointing = cfg.grad_ckpt
@@ -293,12 +387,32 @@ def main(argv=None):
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    start, tokens_total, skipped, loss, last_checkpoint = 0, 0, 0, float("nan"), None
+    found = find_latest(out) if cfg.resume else None
+    if found:
+        last_checkpoint, state, tensors = found
+        apply_checkpoint(last_checkpoint, state, tensors, model, optimizer, method)
+        progress = state["progress"]
+        if progress["examples"] != len(train_set):
+            raise ForgetlabError(f"--resume: the training set has {len(train_set)} examples, the checkpoint "
+                                 f"{last_checkpoint} was trained on {progress['examples']} (data changed?)")
+        start, tokens_total, skipped, loss = state["step"], progress["tokens"], progress["skipped"], progress["loss"]
+        if start > total_steps:
+            raise ForgetlabError(f"--resume: {last_checkpoint} is at step {start}, past the {total_steps} steps asked")
+        print(f"resuming from {last_checkpoint} (step {start} of {total_steps})", file=sys.stderr)
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
     stream = micro_batch_stream(train_set, cfg, tok.pad_id)
-    tokens_total, loss, t0 = 0, float("nan"), time.time()
+    for _ in range(start):  # the data order is a function of (seed, epoch): skip what was trained on
+        next(stream)
+    resume_metrics(out / "metrics.jsonl", start)
+    if found:
+        restore_rng(state["rng"], tensors)  # last, so that nothing above draws from the restored generators
+    t0, tokens_before = time.time(), tokens_total
     model.train()
-    bar = tqdm(total=total_steps, desc=f"train {method.name}", unit="step")
-    with open(out / "metrics.jsonl", "w") as log, bar:
-        for step in range(total_steps):
+    bar = tqdm(total=total_steps, initial=start, desc=f"train {method.name}", unit="step")
+    with open(out / "metrics.jsonl", "a") as log, bar:
+        for step in range(start, total_steps):
             lr = get_lr(step, cfg.lr, warmup_steps, total_steps, cfg.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -308,18 +422,37 @@ def main(argv=None):
             if extra is not None:
                 extra.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-            optimizer.step()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm, error_if_nonfinite=False))
+            cause = nonfinite_cause(loss, extra, grad_norm)
+            if cause is None:
+                optimizer.step()
+                method.after_step(model, step)
+            elif skipped < cfg.skip_nonfinite:  # the batch is dropped: no update, the schedule moves on
+                skipped += 1
+                print(f"step {step + 1}: non-finite {cause}: batch skipped ({skipped} of --skip-nonfinite "
+                      f"{cfg.skip_nonfinite})", file=sys.stderr)
+            else:
+                raise ForgetlabError(f"step {step + 1}: non-finite {cause}: training stopped; "
+                                     f"{checkpoint_note(last_checkpoint)}; lower --lr, or skip such batches with "
+                                     f"--skip-nonfinite N")
             optimizer.zero_grad(set_to_none=True)
-            method.after_step(model, step)
             tokens_total += tokens
-            tok_s = tokens_total / (time.time() - t0)
+            tok_s = (tokens_total - tokens_before) / max(time.time() - t0, 1e-9)
             record = dict(step=step + 1, epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_total,
                           tokens_per_second=tok_s, time=time.time() - t0)
             if extra is not None:
                 record["extra_loss"] = float(extra.detach())
+            if cause is not None:
+                record["skipped"] = cause
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
+                if not all(torch.isfinite(p).all() for p in trainable):  # never checkpoint a poisoned model
+                    raise ForgetlabError(f"step {step + 1}: non-finite weights after the update: training stopped; "
+                                         f"{checkpoint_note(last_checkpoint)}; lower --lr")
+                progress = dict(tokens=tokens_total, skipped=skipped, loss=loss, examples=len(train_set),
+                                epoch=epoch, steps_per_epoch=steps_per_epoch)
+                last_checkpoint = save_checkpoint(out, step + 1, model, optimizer, method, progress, resolved)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
     seconds["train"] = train_seconds = time.time() - t0
@@ -328,10 +461,7 @@ def main(argv=None):
 
     # -- save, evaluate again, report
     t = time.time()
-    if lora_state_dict(model):
-        save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model or ""))
-    else:
-        save_pretrained(model, out / "model", copy_tokenizer_from=tok.source)
+    save_outputs(model, tok, cfg, out)
     seconds["save"] = time.time() - t
     t = time.time()
     after = run_eval(model, tok, cfg, "after")
