@@ -55,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from errors import ForgetlabError, run_cli  # noqa: E402
+from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
 
 # axis flag -> (train.py flag, short label in run names and params, methods it applies to; None = all)
 AXES = {
@@ -329,7 +329,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: "--seed 3" must not be read as "--seeds 3", nor any train.py flag as a sweep flag
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+    p = ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 epilog="Other flags are passed to every train.py run.")
     p.add_argument("--methods", default="full,lora,ewc,replay", help="comma list of train.py methods")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
@@ -354,6 +354,8 @@ def main(argv=None):
         load_method_file(extra[extra.index("--method-file") + 1])  # so that its methods can be checked here
     for m in methods:
         get_method(m)  # an unknown name fails now, not after hours of other runs
+    import train
+    train.parse_config([*extra, "--method", methods[0]])  # so does a bad pass-through train flag
     seeds = [int(s) for s in split_list(args.seeds, "--seeds", int)]
     axes = {"lr": args.lr, "lora_r": args.lora_r, "ewc_lambda": args.ewc_lambda,
             "replay_fraction": args.replay_fraction}
