@@ -98,14 +98,6 @@ def split_request(tok, context: str, continuation: str) -> tuple[list[int], list
     return whole[:k], whole[k:]
 
 
-def _repeat_kv_cache(model, counts: torch.Tensor):
-    """Give row i of every layer's KV cache counts[i] copies: one cached context per continuation."""
-    for layer in model.model.layers:
-        cache = layer.self_attn.kv_cache
-        cache.k = cache.k.repeat_interleave(counts, dim=0)  # (N, n_kv_heads, max_len, head_dim)
-        cache.v = cache.v.repeat_interleave(counts, dim=0)
-
-
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] in float32, without materializing the whole log-softmax. (..., V), (...)."""
     logits = logits.float()
@@ -172,7 +164,7 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
                 last = model(ctx_ids, attention_mask=ctx_mask, cache_start=0, last_only=True)[:, -1]  # (G, V)
                 lp = _token_logprobs(last.repeat_interleave(counts, dim=0), first)[:, None]  # (N, 1)
                 if M > 1:
-                    _repeat_kv_cache(model, counts)
+                    model.repeat_kv_cache(counts)
                     N = len(conts)
                     inp = torch.zeros((N, M - 1), dtype=torch.long)
                     tgt = torch.zeros((N, M - 1), dtype=torch.long)

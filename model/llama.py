@@ -183,6 +183,13 @@ class Llama(nn.Module):
             a = layer.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_len, a.head_dim, p.dtype, p.device)
 
+    def repeat_kv_cache(self, counts: torch.Tensor):
+        """Give cache row i counts[i] copies (prefix sharing: one cached context, several continuations)."""
+        for layer in self.model.layers:
+            c = layer.self_attn.kv_cache
+            c.k = c.k.repeat_interleave(counts, dim=0)  # (sum(counts), n_kv_heads, max_len, head_dim)
+            c.v = c.v.repeat_interleave(counts, dim=0)
+
     def clear_kv_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
