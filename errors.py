@@ -5,11 +5,31 @@ fit the model) raises `ForgetlabError` with a message that names the file, the l
 is one, and what is wrong. Bugs stay ordinary exceptions, with their tracebacks.
 """
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 class ForgetlabError(Exception):
     """A problem with the user's input, reported as one line on stderr and exit code 2."""
+
+
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in the file `path`, a `what` (for messages: "model config", "results file", ...).
+    Missing, unreadable, not JSON, or JSON but not an object: ForgetlabError naming the file, and the line of a
+    syntax error. Every JSON file a user hands forgetlab is read through here, so all report alike."""
+    path = Path(path)
+    if not path.is_file():
+        raise ForgetlabError(f"{path}: {what} not found")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ForgetlabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError, OSError) as e:
+        raise ForgetlabError(f"{path}: unreadable {what} ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ForgetlabError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from data import read_jsonl, tokenize_example
-from errors import ArgumentParser, ForgetlabError, run_cli
+from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
 from model import IGNORE_INDEX, generate
 
 REPO = Path(__file__).resolve().parent
@@ -615,16 +615,8 @@ def format_report(comparison: dict, title: str = "Forgetting report") -> str:
 def read_results(path) -> dict:
     """An eval.py results file, checked enough that comparing it cannot crash: a JSON object whose "results"
     object maps tasks to objects, their metrics numbers."""
-    path = Path(path)
-    if not path.is_file():
-        raise ForgetlabError(f"{path}: results file not found")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ForgetlabError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, RecursionError, OSError) as e:
-        raise ForgetlabError(f"{path}: unreadable results file ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict) or not isinstance(d.get("results"), dict):
+    d = read_json_object(path, "results file")
+    if not isinstance(d.get("results"), dict):
         raise ForgetlabError(f"{path}: not an eval.py results file (no \"results\" object)")
     for task, res in d["results"].items():
         if not isinstance(res, dict):

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from errors import ForgetlabError
+from errors import ForgetlabError, read_json_object
 from model.checkpoint import write_atomic_safetensors, write_atomic_text
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -252,16 +252,7 @@ def save_adapter(model: nn.Module, dir, base_model_name_or_path: str = "") -> Pa
 
 
 def read_adapter_config(file: Path) -> dict:
-    if not file.is_file():
-        raise ForgetlabError(f"{file}: adapter config not found")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ForgetlabError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, RecursionError, OSError) as e:
-        raise ForgetlabError(f"{file}: unreadable adapter config ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise ForgetlabError(f"{file}: expected a JSON object")
+    config = read_json_object(file, "adapter config")
     if config.get("peft_type") != "LORA":
         raise ForgetlabError(f"{file}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):

@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from data import batches_by_length, create_replay_dataset, load_dataset, tokenize_dataset
-from errors import ArgumentParser, ForgetlabError, run_cli
+from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
 from eval import compare_forgetting, evaluate, format_report
 from lora import lora_state_dict, save_adapter
 from methods import REGISTRY, get_method, load_method_file
@@ -188,12 +188,7 @@ def check_resumable(cfg: TrainConfig):
     config_file = Path(cfg.out) / "config.json"
     if not config_file.is_file():
         raise ForgetlabError(f"{config_file}: not found: --resume continues a run that train.py started in --out")
-    try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ForgetlabError(f"{config_file}: unreadable run config ({e})") from None
-    if not isinstance(saved, dict):
-        raise ForgetlabError(f"{config_file}: not a train.py run config")
+    saved = read_json_object(config_file, "run config")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != getattr(cfg, f.name):
             raise ForgetlabError(f"--resume: --{f.name.replace('_', '-')} is {getattr(cfg, f.name)!r} but the run in "

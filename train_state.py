@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from errors import ForgetlabError
+from errors import ForgetlabError, read_json_object
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -169,12 +169,9 @@ def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
     for f in (meta_file, tensor_file):
         if not f.is_file():
             raise ForgetlabError(f"{f}: checkpoint file missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, OSError) as e:
-        raise ForgetlabError(f"{meta_file}: corrupted checkpoint metadata ({e})") from None
+    meta = read_json_object(meta_file, "checkpoint metadata")
     required = ("version", "step", "progress", "rng", "optimizer", "optimizer_params", "config", "sizes")
-    if not isinstance(meta, dict) or any(k not in meta for k in required):
+    if any(k not in meta for k in required):
         raise ForgetlabError(f"{meta_file}: not a training checkpoint (expected keys {', '.join(required)})")
     if not (isinstance(meta["step"], int) and isinstance(meta["sizes"], dict) and isinstance(meta["progress"], dict)):
         raise ForgetlabError(f"{meta_file}: malformed training checkpoint metadata")

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from errors import ForgetlabError
+from errors import ForgetlabError, read_json_object
 
 from .config import LlamaConfig
 from .llama import Llama
@@ -27,10 +27,7 @@ def weight_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ForgetlabError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        weight_map = read_json_object(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ForgetlabError(f"{index}: weight_map must map tensor names to file names")
         return {name: path / fname for name, fname in weight_map.items()}

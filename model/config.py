@@ -1,9 +1,8 @@
 """LlamaConfig: one dataclass for every Llama-family checkpoint, read from a Hugging Face config.json."""
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from errors import ForgetlabError
+from errors import ForgetlabError, read_json_object
 
 
 @dataclass
@@ -78,13 +77,7 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
         path = Path(path)
-        if not path.is_file():
-            raise ForgetlabError(f"{path}: config.json not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ForgetlabError(f"{path}: not valid JSON ({e})") from None
-        cfg = cls.from_hf_dict(d, str(path))
+        cfg = cls.from_hf_dict(read_json_object(path, "model config"), str(path))
         cfg.name_or_path = str(path.parent)
         return cfg
 

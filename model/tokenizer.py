@@ -24,25 +24,13 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from errors import ForgetlabError
+from errors import ForgetlabError, read_json_object
 
 # Tokens that end an assistant turn or a document in common chat formats; generation stops on any of them
 # that the vocabulary has, in addition to the configured eos ids.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ForgetlabError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise ForgetlabError(f"{path}: unreadable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise ForgetlabError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
 
 
 def _token_string(value):
@@ -119,9 +107,9 @@ class Tokenizer:
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins on conflicts
             if (path / name).is_file():
-                config.update(_read_json(path / name))
+                config.update(read_json_object(path / name, "tokenizer config"))
         gen_file = path / "generation_config.json"
-        generation_config = _read_json(gen_file) if gen_file.is_file() else None
+        generation_config = read_json_object(gen_file, "generation config") if gen_file.is_file() else None
         return cls(tok, config, generation_config, source=str(path))
 
     # ------------------------------------------------------------------ ids

@@ -16,3 +16,23 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm_dir):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer files: train.py runs on it in seconds."""
+    from model import save_pretrained
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(vocab_size=49152, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    return str(save_pretrained(model, tmp_path_factory.mktemp("tiny"), copy_tokenizer_from=smollm_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(domain, general) JSONL files for tiny_dir runs."""
+    from tests.tiny import DOMAIN, GENERAL, write_jsonl
+
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "domain.jsonl", DOMAIN), write_jsonl(d / "general.jsonl", GENERAL)

@@ -78,7 +78,7 @@ def test_error_missing_directory(tmp_path):
 def test_error_missing_config(tmp_path):
     _, path = saved(tmp_path)
     (path / "config.json").unlink()
-    with pytest.raises(ForgetlabError, match="config.json not found"):
+    with pytest.raises(ForgetlabError, match="config.json: model config not found"):
         load_model(path)
 
 

@@ -15,8 +15,7 @@ import eval as ev
 import train
 from errors import run_cli
 from lora import apply_lora, save_adapter
-from tests.test_train import tiny_args, tiny_data, tiny_dir  # noqa: F401 (fixtures)
-from tests.tiny import tiny_llama
+from tests.tiny import tiny_args, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -117,7 +116,7 @@ EVAL_CASES = [
     (["--tasks", "ppl", "--data", "{d}/missing.jsonl"], "missing.jsonl: data file not found"),
     (["--compare", "{d}/results.json"], "argument --compare: expected 2 arguments"),
     (["--compare", "{d}/results.json", "{d}/missing.json"], "missing.json: results file not found"),
-    (["--compare", "{d}/results.json", "{d}/truncated.json"], "truncated.json:1: invalid JSON"),
+    (["--compare", "{d}/results.json", "{d}/truncated.json"], "truncated.json:1: not valid JSON"),
 ]
 
 

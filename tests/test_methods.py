@@ -9,7 +9,7 @@ import methods
 import train
 from errors import ForgetlabError
 from model import load_model
-from tests.test_train import read_metrics, tiny_args, tiny_data, tiny_dir  # noqa: F401 (fixtures)
+from tests.tiny import read_metrics, tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
 

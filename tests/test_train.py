@@ -11,44 +11,11 @@ import torch
 import train
 from data import batches_by_length, load_dataset, tokenize_dataset
 from errors import ForgetlabError, run_cli
-from model import load_model, save_pretrained
+from model import load_model
 from model.tokenizer import Tokenizer
-from tests.tiny import tiny_llama
+from tests.tiny import DOMAIN, read_metrics, tiny_args, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
-DOMAIN = [{"prompt": f"What is drug {i}?", "completion": f"Drug {i} is a medicine number {i}."} for i in range(24)]
-GENERAL = [{"instruction": f"Name a color, {i}.", "input": "", "output": "Blue."} for i in range(12)]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smollm_dir):
-    """A tiny random Llama with SmolLM2's vocabulary and tokenizer files: train.py runs on it in seconds."""
-    model = tiny_llama(vocab_size=49152, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
-    return str(save_pretrained(model, tmp_path_factory.mktemp("tiny"), copy_tokenizer_from=smollm_dir))
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "domain.jsonl", DOMAIN), write_jsonl(d / "general.jsonl", GENERAL)
-
-
-def tiny_args(tiny_dir, tiny_data, out, *extra):
-    domain, general = tiny_data
-    return ["--model", tiny_dir, "--data", domain, "--general-data", general, "--out", str(out),
-            "--eval", "none", "--batch-size", "4", "--fisher-samples", "8", *extra]
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- pieces of the loop
 
 def test_lr_schedule_values_at_chosen_steps():

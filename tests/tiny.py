@@ -1,4 +1,7 @@
-"""Tiny random Llama configs shared by the tests (seconds, not minutes)."""
+"""Tiny random Llama configs and train.py inputs shared by the tests (seconds, not minutes)."""
+import json
+from pathlib import Path
+
 import torch
 
 from model import Llama, LlamaConfig
@@ -34,3 +37,24 @@ def hf_twin(model: Llama):
     result = hf.load_state_dict(model.state_dict(), strict=False)
     assert not result.unexpected_keys and not result.missing_keys, result
     return hf
+
+
+# ----------------------------------------------------------------------------- train.py on a tiny model
+DOMAIN = [{"prompt": f"What is drug {i}?", "completion": f"Drug {i} is a medicine number {i}."} for i in range(24)]
+GENERAL = [{"instruction": f"Name a color, {i}.", "input": "", "output": "Blue."} for i in range(12)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_args(tiny_dir, tiny_data, out, *extra):
+    """train.py flags for the tiny_dir model on the tiny_data sets (conftest fixtures), without evaluation."""
+    domain, general = tiny_data
+    return ["--model", tiny_dir, "--data", domain, "--general-data", general, "--out", str(out),
+            "--eval", "none", "--batch-size", "4", "--fisher-samples", "8", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
