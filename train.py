@@ -17,6 +17,8 @@ Output directory (--out, default runs/<method>-<timestamp>):
     adapter/        the LoRA adapter in PEFT's format, when the method trained adapters, else
     model/          the fine-tuned model in Hugging Face's format
     results.json    before / after evaluation and their comparison, plus the training summary
+    report.md       the same, readable
+    before.json     the "before" evaluation alone, so that --resume need not evaluate the base model again
     checkpoints/    with --save-every: step-<N>/ resumable training states, the last 2 (see train_state.py)
 
 Reliability: a run killed at any point and resumed with --resume ends with the same weights, bit for bit on
@@ -24,7 +26,6 @@ CPU, as one never interrupted (the data order is a function of (seed, epoch), an
 and RNG states are restored). A non-finite loss or gradient stops the run with the step and the cause, leaving
 the last checkpoint intact (--skip-nonfinite N skips up to N such batches instead). Outputs are written to a
 temporary name and renamed, so Ctrl-C never leaves a half-written file.
-    report.md       the same, readable
 """
 import argparse
 import contextlib
@@ -53,6 +54,7 @@ from model.checkpoint import write_atomic_text
 from train_state import apply_checkpoint, find_latest, restore_rng, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
+BEFORE_JSON = "before.json"  # in --out: the "before" evaluation, read back by --resume
 # --eval level -> {task: row limit (None = the whole file)}. MMLU's 1,542 validation questions alone would take
 # longer than the rest of the job on a CPU, so `full` scores an evenly spaced 128 of them. General QA is asked as
 # a chat turn, the way the instruct model (and its fine-tuning data) is used: as a plain "Question: ... Answer:"
@@ -312,6 +314,19 @@ def run_eval(model, tok, cfg, stage: str):
     return results
 
 
+def read_before(cfg) -> dict | None:
+    """--resume: the "before" evaluation the run saved in --out, if it was made at the --eval level asked now
+    (the base model has not changed, so evaluating it again would only cost time)."""
+    file = Path(cfg.out) / BEFORE_JSON
+    if cfg.eval == "none" or not file.is_file():
+        return None
+    saved = read_json_object(file, "saved before-evaluation")
+    if saved.get("eval") != cfg.eval or not isinstance(saved.get("results"), dict):
+        return None
+    print(f"[before] evaluation ({cfg.eval}) read back from {file}", file=sys.stderr)
+    return saved["results"]
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -360,9 +375,11 @@ def main(argv=None):
           f"{len(train_set) - len(domain)} replay; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}",
           file=sys.stderr)
 
-    # -- before: evaluate, then let the method look at the untouched model
+    # -- before: evaluate (resuming: read back what the run measured), then let the method see the untouched model
     t = time.time()
-    before = run_eval(model, tok, cfg, "before")
+    before = read_before(cfg) if cfg.resume else None
+    if before is None:
+        before = run_eval(model, tok, cfg, "before")
     seconds = dict(load=t - t_start, eval_before=time.time() - t)
     t = time.time()
     method.setup(model, tok, cfg, general)
@@ -375,6 +392,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**dataclasses.asdict(cfg), "device": device, "total_steps": total_steps, "warmup_steps": warmup_steps}
     write_atomic_text(out / "config.json", json.dumps(resolved, indent=2))  # on --resume: the flags now in force
+    if before is not None:
+        write_atomic_text(out / BEFORE_JSON, json.dumps(dict(eval=cfg.eval, results=before)))
 
     # -- train
     model.gradient_checkpointing = cfg.grad_ckpt
@@ -464,7 +483,7 @@ def main(argv=None):
     summary = dict(method=method.name, steps=total_steps, epochs=total_steps / steps_per_epoch,
                    examples=len(train_set), replay_examples=len(train_set) - len(domain), truncated=n_trunc,
                    truncated_general=n_trunc_general, tokens=tokens_total, train_seconds=train_seconds,
-                   tokens_per_second=tokens_total / max(train_seconds, 1e-9), final_loss=loss,
+                   tokens_per_second=(tokens_total - tokens_before) / max(train_seconds, 1e-9), final_loss=loss,
                    trainable_params=n_trainable, total_params=n_total, seconds=seconds,
                    total_seconds=time.time() - t_start)
     results = dict(training=summary)

@@ -399,6 +399,18 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bitwise_identical(tiny_dir, 
     assert [s for s, _ in train_state.step_dirs(out)] == [steps - 1, steps]  # the last two are kept
 
 
+def test_resume_reads_the_before_evaluation_back_instead_of_redoing_it(tiny_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--eval", "quick", "--save-every", "1"]
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1", *flags))
+    saved = json.loads((out / "before.json").read_text())
+    assert saved["results"] == json.loads((out / "results.json").read_text())["before"]
+    saved["results"]["ppl"]["nll"] = 123.0  # a value no evaluation of this model gives
+    (out / "before.json").write_text(json.dumps(saved))
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "2", *flags, "--resume"))
+    assert json.loads((out / "results.json").read_text())["before"]["ppl"]["nll"] == 123.0
+
+
 def test_resume_refuses_changed_flags_and_a_missing_run(tiny_dir, tiny_data, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     with pytest.raises(ForgetlabError, match="config.json: not found: --resume continues a run"):
