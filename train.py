@@ -37,6 +37,7 @@ import random
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -107,6 +108,12 @@ class TrainConfig:
     fisher_samples: int = arg(64, "general examples used to estimate the Fisher")
     fisher_estimator: str = arg("empirical", "Fisher estimator (see ewc.py)", choices=("empirical", "batch", "true"))
     fisher_normalize: str = arg("mean", "Fisher normalization (see ewc.py)", choices=("none", "mean", "max"))
+    fisher: str | None = arg(None, "EWC state file (a previous ewc run's ewc.safetensors): use its Fisher and anchor "
+                                   "instead of estimating them (the model's trainable parameters must match)")
+    ewc_gamma: float | None = arg(None, "online EWC (Schwarz et al. 2018), with --fisher: F <- gamma * F_file + F_new "
+                                        "(F_new estimated now on --general-data), anchor <- the starting weights")
+    ewc_dtype: str = arg("float32", "dtype of the stored Fisher and anchor (bfloat16 halves their memory)",
+                         choices=("float32", "bfloat16"))
     device: str = arg("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     compile: bool = arg(False, "torch.compile the model for training")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
@@ -142,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type is bool:
             p.add_argument(flag, action="store_true", **kw)
         else:
-            typ = {"int": int, "float": float}.get(getattr(f.type, "__name__", ""), str)
+            base = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))  # float | None -> float
+            typ = {"int": int, "float": float}.get(getattr(base, "__name__", ""), str)
             p.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
     return p
 
@@ -172,6 +180,9 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
               (cfg.fisher_samples >= 1, "--fisher-samples must be >= 1"),
               (cfg.lora_r >= 1, "--lora-r must be >= 1"),
               (cfg.ewc_lambda >= 0, "--ewc-lambda must be >= 0"),
+              (cfg.ewc_gamma is None or 0 <= cfg.ewc_gamma <= 1, "--ewc-gamma must be in [0, 1]"),
+              (cfg.ewc_gamma is None or cfg.fisher, "--ewc-gamma needs --fisher: the previous task's EWC state to decay"),
+              (not cfg.fisher or Path(cfg.fisher).is_file(), f"--fisher {cfg.fisher}: file not found"),
               (cfg.save_every >= 0, "--save-every must be >= 0"),
               (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
               (not cfg.resume or cfg.out, "--resume needs --out, the directory of the run to continue")]
@@ -433,7 +444,7 @@ def main(argv=None):
             epoch, micro = next(stream)
             loss, tokens = accumulate_gradients(forward, micro, device, autocast)
             extra = method.extra_loss(model, step)
-            if extra is not None:
+            if extra is not None and extra.requires_grad:  # else the method added its gradient to .grad itself
                 extra.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm, error_if_nonfinite=False))
@@ -476,6 +487,7 @@ def main(argv=None):
     # -- save, evaluate again, report
     t = time.time()
     save_outputs(model, tok, cfg, out)
+    method.save(out)
     seconds["save"] = time.time() - t
     t = time.time()
     after = run_eval(model, tok, cfg, "after")

@@ -197,15 +197,16 @@ def random_fisher(model) -> dict[str, torch.Tensor]:
 
 
 def ours_workload(args, mode: str):
-    """Our model set up for `mode`; returns (model, loss function of input ids)."""
+    """Our model set up for `mode`; returns (model, loss function of input ids, what to run after backward)."""
     model = build_ours(args).train()
     if mode == "lora":
         from lora import apply_lora
         apply_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, targets=LORA["targets"])
     if mode == "ewc":
         ewc = EWC(model, random_fisher(model), lam=1.0)
-        return model, lambda ids: model(ids, labels=ids) + ewc.penalty(model)
-    return model, lambda ids: model(ids, labels=ids)
+        # as train.py does: the penalty's gradient goes into .grad after the loss's backward
+        return model, lambda ids: model(ids, labels=ids), lambda: ewc.add_penalty_grad_(model)
+    return model, lambda ids: model(ids, labels=ids), None
 
 
 def hf_workload(args, mode: str):
@@ -217,14 +218,14 @@ def hf_workload(args, mode: str):
         config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=list(LORA["targets"]),
                                  lora_dropout=0.0)
         hf = peft.get_peft_model(hf, config)
-    return hf, lambda ids: hf(input_ids=ids, labels=ids, use_cache=False).loss
+    return hf, lambda ids: hf(input_ids=ids, labels=ids, use_cache=False).loss, None
 
 
 def run_workload(args):
     """Build, take 1 warm-up step, time --steps steps; print the figures for the parent to parse."""
     mode, device = args.mode, args.device
     torch.manual_seed(0)
-    model, loss_fn = (hf_workload if args.impl == "hf" else ours_workload)(args, mode)
+    model, loss_fn, after_backward = (hf_workload if args.impl == "hf" else ours_workload)(args, mode)
     vocab = model_config(args).vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     opt = adamw([p for p in model.parameters() if p.requires_grad], args.adamw)
@@ -232,6 +233,8 @@ def run_workload(args):
     def step():
         opt.zero_grad(set_to_none=True)
         loss_fn(ids).backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
 
     step()  # warm-up: AdamW allocates its state, allocators and kernels settle

@@ -120,6 +120,67 @@ def test_ewc_keeps_weights_closer_to_the_start_than_full_fine_tuning(tiny_dir, t
     assert distance["ewc"] < 0.5 * distance["full"]
 
 
+def test_ewc_run_saves_its_fisher_and_a_second_run_reuses_it_with_the_original_anchor(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    from ewc import EWC
+
+    first = tmp_path / "first"
+    train.main(tiny_args(tiny_dir, tiny_data, first, "--method", "ewc", "--max-steps", "2", "--lr", "1e-2"))
+    saved = EWC.load(first / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
+    assert saved.metadata["estimator"] == "empirical" and saved.metadata["data"] == str(tiny_data[1])
+    assert int(saved.metadata["n_examples"]) > 0 and any(f.abs().max() > 0 for f in saved.fisher)
+    start = load_model(tiny_dir).state_dict()
+    assert all(torch.equal(a, start[n]) for n, a in zip(saved.names, saved.anchor))  # anchored at the base model
+
+    # a second task, starting from the first run's model: plain --fisher keeps F and the anchor of the file
+    second = tmp_path / "second"
+    train.main(tiny_args(str(first / "model"), tiny_data, second, "--method", "ewc", "--max-steps", "2",
+                         "--fisher", str(first / "ewc.safetensors")))
+    reused = EWC.load(second / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
+    assert all(torch.equal(f, g) for f, g in zip(saved.fisher, reused.fisher))
+    assert all(torch.equal(a, b) for a, b in zip(saved.anchor, reused.anchor))
+    assert read_metrics(second)[0]["extra_loss"] > 0  # the first run moved the weights away from that anchor
+
+
+def test_online_ewc_decays_the_old_fisher_adds_the_new_and_moves_the_anchor(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    from ewc import EWC
+
+    first = tmp_path / "first"
+    train.main(tiny_args(tiny_dir, tiny_data, first, "--method", "ewc", "--max-steps", "2", "--lr", "1e-2"))
+    old = EWC.load(first / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
+    fresh = tmp_path / "fresh"  # F_new: the same estimate at the first run's weights, without --fisher
+    train.main(tiny_args(str(first / "model"), tiny_data, fresh, "--method", "ewc", "--max-steps", "1", "--lr", "1e-12"))
+    new = EWC.load(fresh / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
+    online = tmp_path / "online"
+    train.main(tiny_args(str(first / "model"), tiny_data, online, "--method", "ewc", "--max-steps", "1", "--lr", "1e-12",
+                         "--fisher", str(first / "ewc.safetensors"), "--ewc-gamma", "0.5"))
+    got = EWC.load(online / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
+    for f_old, f_new, f in zip(old.fisher, new.fisher, got.fisher):
+        torch.testing.assert_close(f, 0.5 * f_old + f_new, rtol=1e-6, atol=0)
+    trained = load_model(first / "model").state_dict()
+    assert all(torch.equal(a, trained[n]) for n, a in zip(got.names, got.anchor))
+    assert got.metadata["gamma"] == "0.5" and got.metadata["consolidated_from"] == str(first / "ewc.safetensors")
+    assert read_metrics(online)[0]["extra_loss"] == 0.0  # the anchor is where this run starts
+
+
+def test_ewc_dtype_bfloat16_keeps_the_fisher_and_anchor_in_bfloat16(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    from safetensors import safe_open
+
+    out = tmp_path / "bf16"
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "ewc", "--max-steps", "2", "--ewc-dtype", "bfloat16"))
+    with safe_open(out / "ewc.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert read_metrics(out)[1]["extra_loss"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ewc-gamma", "0.9"], "--ewc-gamma needs --fisher"),
+    (["--fisher", "x.safetensors", "--ewc-gamma", "1.5"], "--ewc-gamma must be in [0, 1]"),
+    (["--fisher", "missing.safetensors"], "--fisher missing.safetensors: file not found")])
+def test_online_ewc_flags_are_checked(argv, message):
+    with pytest.raises(ForgetlabError, match=re.escape(message)):
+        train.parse_config(["--method", "ewc", *argv])
+
+
 def test_ewc_state_dict_round_trips(tiny_dir, tiny_data):  # noqa: F811
     from model.tokenizer import Tokenizer
     from data import load_dataset, tokenize_dataset

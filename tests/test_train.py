@@ -116,7 +116,8 @@ def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, 
     results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3"))
     files = sorted(p.name for p in out.iterdir())
     saved = "adapter" if method == "lora" else "model"
-    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved])
+    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved]
+                           + (["ewc.safetensors"] if method == "ewc" else []))
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["total_steps"] == 3
     metrics = read_metrics(out)
