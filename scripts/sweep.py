@@ -16,7 +16,8 @@ from methods.py when the axis is not given):
     --ewc-lambda       ewc                   --replay-fraction  replay
 
 Outputs in DIR:
-    sweep.csv   one row per finished run
+    sweep.csv   one row per finished run: this grid's, then those that earlier sweeps left in DIR, so grids
+                run one after another into one DIR are tabulated and plotted together
     sweep.md    mean ± sample std over seeds for each (method, params)
     sweep.png   domain gain (x) against forgetting (y), one point per run, the Pareto front drawn
                 (needs matplotlib, an optional dependency: without it the png is skipped with a note)
@@ -229,6 +230,20 @@ def diff(a, b):
     return None if a is None or b is None else a - b
 
 
+def recorded_run(run_dir: Path) -> Run | None:
+    """The grid point of a finished run an earlier sweep left in run_dir (read from its recorded train.py
+    flags), or None when run_dir is not such a run."""
+    record = run_dir / "sweep.json"
+    if not (record.is_file() and (run_dir / "results.json").is_file()):
+        return None
+    argv = json.loads(record.read_text())["argv"]
+    value = lambda flag: argv[argv.index(flag) + 1] if flag in argv[:-1] else None  # noqa: E731
+    if value("--method") is None or value("--seed") is None:
+        return None
+    params = {axis: value(flag) for axis, (flag, _, _) in AXES.items() if value(flag) is not None}
+    return Run(value("--method"), params, int(value("--seed")))
+
+
 def collect_row(run: Run, run_dir: Path) -> dict:
     """One CSV row from a finished run's results.json (and sweep.json, when the sweep made the run)."""
     results = json.loads((run_dir / "results.json").read_text())
@@ -371,7 +386,11 @@ def main(argv=None):
     print(f"sweep: {len(runs)} runs into {out}", file=sys.stderr)
     failed = run_all(runs, out, extra, env)
 
-    rows = [collect_row(r, out / r.name) for r in runs if (out / r.name / "results.json").is_file()]
+    grid = {r.name for r in runs}
+    finished = [(r, out / r.name) for r in runs]
+    finished += [(r, d) for d in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in grid)
+                 if (r := recorded_run(d)) is not None]
+    rows = [collect_row(r, d) for r, d in finished if (d / "results.json").is_file()]
     write_csv(rows, out / "sweep.csv")
     table = summary_table(rows)
     (out / "sweep.md").write_text(f"# Sweep: {len(rows)} runs\n\nmean ± sample std over seeds; column "

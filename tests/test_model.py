@@ -66,6 +66,37 @@ def test_loss_matches_transformers_with_ignored_labels():
     assert abs(ours.item() - theirs.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_gradients_match_transformers_in_every_parameter(tied):
+    model = tiny_llama(std=0.3, tie_word_embeddings=tied).train()
+    hf = hf_twin(model).train()
+    ids = torch.randint(0, 101, (3, 20))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    model(ids, labels=labels).backward()
+    hf(ids, labels=labels).loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_fused_linear_cross_entropy_equals_cross_entropy_of_the_logits(recompute, frozen_head):
+    from model.llama import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=not frozen_head)
+    y = torch.randint(0, 50, (37,))
+    inputs = [h] if frozen_head else [h, w]
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="sum")
+    ours = LinearCrossEntropy.apply(h, w, y, recompute)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours * 1.7, inputs), torch.autograd.grad(ref * 1.7, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_is_differentiable_and_zero_without_labels():
     model = tiny_llama().train()
     ids = torch.randint(0, 101, (2, 8))

@@ -85,6 +85,21 @@ def test_finished_runs_are_skipped_and_summarised_as_mean_and_std_over_seeds(tmp
         assert "matplotlib is not installed" in capsys.readouterr().err
 
 
+def test_runs_of_an_earlier_grid_in_the_same_directory_join_the_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "run_train", refuse_to_train)
+    write_run(tmp_path, "full-seed0", fake_results(0.4, 0.1),
+              ["--method", "full", "--seed", "0", "--out", str(tmp_path / "full-seed0")])
+    write_run(tmp_path, "lora-lr3e-3-seed1", fake_results(0.3, 0.05),
+              ["--method", "lora", "--seed", "1", "--lr", "3e-3", "--eval", "quick",
+               "--out", str(tmp_path / "lora-lr3e-3-seed1")])
+    write_run(tmp_path, "by-hand", fake_results(0.9, 0.9))  # no sweep.json: not a sweep's run, left out
+    sweep.main(["--methods", "full", "--seeds", "0", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["method"], r["params"], r["seed"], r["run"]) for r in rows] == [
+        ("full", "", "0", "full-seed0"), ("lora", "lr=3e-3", "1", "lora-lr3e-3-seed1")]
+    assert "| lora | lr=3e-3 | 1 |" in (tmp_path / "sweep.md").read_text()
+
+
 def test_resuming_a_run_with_other_train_flags_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_train", refuse_to_train)
     write_run(tmp_path, "full-seed0", fake_results(0.1, 0.1),
