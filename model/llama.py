@@ -247,14 +247,19 @@ def cross_entropy_loss(hidden, lm_head, labels, chunk_tokens: int = 4096):
 
     recompute = torch.is_grad_enabled() and chunk_tokens * lm_head.weight.shape[0] * 4 > 2**30
     plain = type(lm_head) is nn.Linear and lm_head.bias is None  # a LoRA-wrapped head takes the generic path
+
+    def generic_loss(h_c, y_c):
+        return F.cross_entropy(lm_head(h_c).float(), y_c, reduction="sum")
+
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk_tokens):
         h_c, y_c = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
         if plain:
             total = total + LinearCrossEntropy.apply(h_c, lm_head.weight, y_c, recompute)
+        elif recompute:
+            total = total + checkpoint(generic_loss, h_c, y_c, use_reentrant=False)
         else:
-            loss = lambda h_c, y_c: F.cross_entropy(lm_head(h_c).float(), y_c, reduction="sum")  # noqa: E731
-            total = total + (checkpoint(loss, h_c, y_c, use_reentrant=False) if recompute else loss(h_c, y_c))
+            total = total + generic_loss(h_c, y_c)
     return total / n
 
 
@@ -284,9 +289,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if recompute:
             ctx.save_for_backward(h, weight, y, lse)
         elif any(ctx.needs_input_grad[:2]):
-            exp.div_(total[:, None])
-            exp[torch.arange(len(y), device=y.device), y] -= 1
-            ctx.save_for_backward(h, weight, exp)  # softmax − one_hot: the gradient by the logits
+            ctx.save_for_backward(h, weight, minus_one_hot_(exp.div_(total[:, None]), y))
         return loss
 
     @staticmethod
@@ -294,7 +297,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = ctx.dtype
         if ctx.recompute:
             h, weight, y, lse = ctx.saved_tensors
-            g = softmax_minus_one_hot_(F.linear(h.to(dtype), weight.to(dtype)).float(), lse, y)
+            logits = F.linear(h.to(dtype), weight.to(dtype)).float()
+            g = minus_one_hot_(logits.sub_(lse[:, None]).exp_(), y)  # softmax from the saved log-sum-exp
         else:
             h, weight, g = ctx.saved_tensors
         g = g.to(dtype)  # (N, vocab): d(sum CE) / d logits; grad_loss scales the smaller products below
@@ -303,8 +307,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def softmax_minus_one_hot_(logits, lse, y):
-    """logits (N, vocab) -> softmax(logits) − one_hot(y), in place: the gradient of sum CE by the logits."""
-    logits.sub_(lse[:, None]).exp_()
-    logits[torch.arange(len(y), device=y.device), y] -= 1
-    return logits
+def minus_one_hot_(probs, y):
+    """softmax probabilities (N, vocab) -> probs − one_hot(y), in place: the gradient of sum CE by the logits."""
+    probs[torch.arange(len(y), device=y.device), y] -= 1
+    return probs

@@ -176,7 +176,7 @@ def test_ewc_dtype_bfloat16_keeps_the_fisher_and_anchor_in_bfloat16(tiny_dir, ti
     (["--ewc-gamma", "0.9"], "--ewc-gamma needs --fisher"),
     (["--fisher", "x.safetensors", "--ewc-gamma", "1.5"], "--ewc-gamma must be in [0, 1]"),
     (["--fisher", "missing.safetensors"], "--fisher missing.safetensors: file not found")])
-def test_online_ewc_flags_are_checked(argv, message):
+def test_ewc_flags_are_checked_before_anything_runs(argv, message):
     with pytest.raises(ForgetlabError, match=re.escape(message)):
         train.parse_config(["--method", "ewc", *argv])
 
