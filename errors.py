@@ -32,6 +32,16 @@ def read_json_object(path, what: str) -> dict:
     return d
 
 
+def check_names(expected, found, where: str, what: str = "tensor"):
+    """ForgetlabError unless `found` holds exactly the names in `expected`. The message names the first missing
+    (else the first unexpected) name and how many more there are: `{where}: missing {what} NAME (and 3 more)`."""
+    for kind, names in (("missing", sorted(set(expected) - set(found))),
+                        ("unexpected", sorted(set(found) - set(expected)))):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ForgetlabError(f"{where}: {kind} {what} {names[0]}{more}")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (unknown flag, bad value, missing argument) raise ForgetlabError, so that
     run_cli reports them like every other user error: one line, exit 2 (plain argparse prints the usage first)."""

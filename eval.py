@@ -1,77 +1,75 @@
-"""Measuring forgetting: general QA, an instruction-following checklist, multiple-choice log-likelihood,
-general-text perplexity and the domain score, before and after fine-tuning.
+"""Measuring forgetting: general-ability benchmarks, chat QA, instruction following, general-text NLL and the
+domain, before and after fine-tuning, each number with its 95% interval, and paired before/after comparisons.
 
-    results = evaluate(model, tok, tasks=("general_qa", "ppl"))       # {task: {metrics..., "items": [...]}}
-    comparison = compare_forgetting(before, after, threshold=0.10)
+    results = evaluate(model, tok)                          # the "full" level: what train.py runs before and after
+    results = evaluate(model, tok, tasks=("hellaswag", "arc_easy"), limit=500, split="all")
+    comparison = compare_forgetting(before, after)          # per metric: paired difference, interval, verdict
     print(format_report(comparison))
 
-    python eval.py --model DIR [--adapter DIR] --tasks general_qa,checklist,mc,ppl,domain --out OUT.json
+    python eval.py --model DIR [--adapter DIR] [--level full|quick] [--tasks T1,T2] [--split dev|test|all]
+                   [--limit N] [--match strict|substring] --out OUT.json
     python eval.py --compare BEFORE.json AFTER.json
 
-Every task keeps per-item records (prompt, response or log-probabilities, verdict), so each number in
-OUT.json can be audited.
+TASKS, below, is the one table of tasks: each names its data file, the fields its rows need, its scorer and
+the metrics it reports. Adding a task is one entry there.
 
-Tasks
-- general_qa: the prompt `Question: {q}\\nAnswer:`, greedy decoding, the answer cut at the first blank line
-  or "\\nQuestion"; correct when the answer or any alias is a lower-cased substring of the response.
-  Accuracy overall and per category. `chat=True` asks the bare question as a chat user turn instead.
-- checklist: CHECKLIST, a forgetting checklist of instructions with programmatic checks in the spirit of
-  IFEval (Zhou et al. 2023, "Instruction-Following Evaluation for Large Language Models"), asked as chat
-  turns. Score = severity-weighted pass rate (high 3, medium 2, low 1).
-- mc: multiple choice by log-likelihood, the way lm-evaluation-harness scores ARC / HellaSwag:
-      context       = "Question: {question}\\nAnswer:"
-      continuation  = " " + choice                       (one per choice)
-      logprob(c)    = Σ_j log p(c_j | context, c_<j)     (summed over the continuation's tokens)
-      acc      = mean[argmax_c logprob(c) == answer]
-      acc_norm = mean[argmax_c logprob(c) / len(c) == answer]   (len in characters, as the harness does)
-  The context is run once per question through the KV cache and shared by its choices.
-- ppl: token-weighted mean negative log-likelihood of held-out general prose, ppl = exp(nll). Usually the
-  first signal of forgetting to move, before any accuracy does.
-- domain: held-out domain questions asked in chat format; correct when the answer or an alias occurs as a
-  whole word (case-insensitive) in the response; plus the NLL of the reference completion given the
-  chat-formatted prompt (the training loss on unseen questions).
+  general_qa     data/general_qa.jsonl, asked as a chat turn, greedy, 24 new tokens; correct when the answer or
+                 an alias matches (MATCH_RULES) in the answer span. Accuracy, and per category.
+  instructions   data/instructions.jsonl: IFEval-style prompts (Zhou et al. 2023) with programmatic checks
+                 (instruction_checks.py), greedy chat answers of at most 64 tokens; pass = every check passes.
+  hellaswag, arc_easy, arc_challenge    multiple choice by log-likelihood, zero-shot, exactly as
+                 lm-evaluation-harness builds and scores them (../shared/data/README.md):
+                     logprob(c) = Σ_j log p(c_j | context, c_<j)        (summed over the choice's tokens)
+                     acc      = mean[argmax_c logprob(c) == gold]
+                     acc_norm = mean[argmax_c logprob(c) / len(c) == gold]   (len in characters, no leading space)
+  winogrande     partial scoring: the option fills the blank, only the text after it is scored; acc.
+  lambada        greedy: correct when greedy decoding of the passage reproduces its last word's tokens exactly;
+                 acc, and the word's mean NLL (perplexity = exp of it, the harness's definition).
+  mmlu           ../shared/data/mmlu_val.jsonl as "Question: ...\\nAnswer:" + " choice", scored like ARC. The
+                 default model is at chance on it: kept as a task, not in the default levels.
+  ppl            token-weighted NLL of the general prose in data/general_text.jsonl (ppl = exp(nll)): usually
+                 the first signal of forgetting to move.
+  domain_recall  the trained drugs' facts asked in new words (data/domain_recall.jsonl): recall under
+                 paraphrase, not generalization. Strict-match accuracy of greedy chat answers (48 tokens), and
+                 the NLL of the reference answer (the training loss on these prompts).
+  domain_unseen  the same on drugs never trained on, of drug classes that were (data/domain_unseen.jsonl):
+                 what fine-tuning taught beyond the facts it saw.
+
+Splits. Every file has fixed, disjoint dev and test halves: the repository's rows carry a "split" field; the
+public benchmarks are split by a hash of the item's id (sha256(id) even = dev). Choose hyper-parameters on dev,
+report test. --limit N takes N items evenly spaced over the split (files are often sorted by subject).
+
+Statistics (stats.py). Each accuracy has a Wilson interval, each NLL a bootstrap interval over items. Before vs
+after pairs the same items: Newcombe's interval (and McNemar's exact p) for accuracies, a paired bootstrap for
+NLLs. The verdict follows the interval of the difference ("forgot", "no detectable change", "improved"); a
+metric whose intervals include chance on both sides is "at chance", never a change.
+
+Every task keeps per-item records (prompt, response or log-probabilities, verdict), so each number in OUT.json
+can be audited and paired.
 """
-import json
+import hashlib
 import math
 import re
 import sys
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+import stats
 from data import read_jsonl, tokenize_example
 from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
-from model import IGNORE_INDEX, generate
+from model import IGNORE_INDEX, eval_mode, generate, left_pad
 
 REPO = Path(__file__).resolve().parent
-TASKS = ("general_qa", "checklist", "mc", "ppl", "domain")
-DEFAULT_DATA = {
-    "general_qa": REPO / "data" / "general_qa.jsonl",
-    "mc": REPO.parent / "shared" / "data" / "mmlu_val.jsonl",
-    "ppl": REPO / "data" / "general_text.jsonl",
-    "domain": REPO / "data" / "drug_qa_heldout.jsonl",
+SHARED = REPO.parent / "shared" / "data"
+SPLITS = ("dev", "test", "all")
+MATCH_RULES = {
+    "strict": "the answer or an alias on word and number boundaries in the answer's first sentence",
+    "substring": "the answer or an alias as a lower-cased substring of the whole response (the original rule)",
 }
-REQUIRED_FIELDS = {
-    "general_qa": ("question", "answer"),
-    "mc": ("question", "choices", "answer"),
-    "ppl": ("text",),
-    "domain": ("prompt", "completion", "answer"),
-}
-SEVERITY_WEIGHTS = {"high": 3, "medium": 2, "low": 1}
-
-
-@contextmanager
-def eval_mode(model):
-    """No dropout (LoRA's included) and no autograd, restoring the training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- log-likelihood scoring
@@ -124,17 +122,18 @@ def _plan_batches(groups: list, batch_size: int, max_tokens: int) -> list[list]:
 
 
 def score_continuations(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                        max_tokens: int = 2048, progress: bool = False) -> list[float]:
-    """Summed log-probability Σ_j log p(cont_j | ctx, cont_<j) of each (context_ids, continuation_ids).
+                        max_tokens: int = 2048, progress: bool = False) -> tuple[list[float], list[bool]]:
+    """For each (context_ids, continuation_ids): the summed log-probability Σ_j log p(cont_j | ctx, cont_<j),
+    and whether greedy decoding after the context reproduces the continuation (every token is the argmax).
 
     Requests with the same context share one pass over it. Per batch of contexts:
       1. prefill: the left-padded contexts (G, L) fill the KV cache; the last position's logits score
          each continuation's first token;
       2. the cache rows are repeated once per continuation, and the continuations minus their last token,
          right-padded (N, M-1), are run after it; their logits score tokens 2..m.
-    Only continuation positions go through lm_head. An empty continuation scores 0."""
+    Only continuation positions go through lm_head. An empty continuation scores (0, True)."""
     device = model.model.embed_tokens.weight.device
-    scores = [0.0] * len(requests)
+    scores, greedy = [0.0] * len(requests), [True] * len(requests)
     by_context: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
         if not ctx:
@@ -152,17 +151,14 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
             conts = [c for g in batch for c in g[1]]
             counts = torch.tensor([len(g[1]) for g in batch], device=device)
             G, L, M = len(batch), max(len(g[0]) for g in batch), max(map(len, conts))
-            ctx_ids = torch.zeros((G, L), dtype=torch.long)
-            ctx_mask = torch.zeros((G, L), dtype=torch.long)
-            for r, g in enumerate(batch):
-                ctx_ids[r, L - len(g[0]):] = torch.tensor(g[0])
-                ctx_mask[r, L - len(g[0]):] = 1
-            ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+            ctx_ids, ctx_mask = (t.to(device) for t in left_pad([g[0] for g in batch], pad_id=0))  # (G, L)
             first = torch.tensor([c[0] for c in conts], device=device)
             model.setup_kv_cache(G, L + M - 1)
             try:
                 last = model(ctx_ids, attention_mask=ctx_mask, cache_start=0, last_only=True)[:, -1]  # (G, V)
-                lp = _token_logprobs(last.repeat_interleave(counts, dim=0), first)[:, None]  # (N, 1)
+                last = last.repeat_interleave(counts, dim=0)  # (N, V)
+                lp = _token_logprobs(last, first)[:, None]  # (N, 1)
+                hit = (last.argmax(-1) == first)[:, None]  # (N, 1)
                 if M > 1:
                     model.repeat_kv_cache(counts)
                     N = len(conts)
@@ -176,21 +172,17 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
                     inp, tgt, cont_mask = inp.to(device), tgt.to(device), cont_mask.to(device)
                     mask = torch.cat([ctx_mask.repeat_interleave(counts, dim=0), cont_mask], dim=1)  # (N, L+M-1)
                     logits = model(inp, attention_mask=mask, cache_start=L)  # (N, M-1, V)
-                    rest = _token_logprobs(logits, tgt) * cont_mask
-                    lp = torch.cat([lp, rest], dim=1)
+                    lp = torch.cat([lp, _token_logprobs(logits, tgt) * cont_mask], dim=1)
+                    hit = torch.cat([hit, (logits.argmax(-1) == tgt) | (cont_mask == 0)], dim=1)
             finally:
                 model.clear_kv_cache()
-            totals = lp.sum(dim=1).tolist()
+            totals, all_hit = lp.sum(dim=1).tolist(), hit.all(dim=1).tolist()
             for j, i in enumerate(i for g in batch for i in g[2]):
-                scores[i] = totals[j]
-    return scores
+                scores[i], greedy[i] = totals[j], all_hit[j]
+    return scores, greedy
 
 
-# ----------------------------------------------------------------------------- general QA
-
-def qa_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
-
+# ----------------------------------------------------------------------------- answer matching
 
 def cut_answer(text: str) -> str:
     """The answer part of a plain completion: up to the first blank line or the next "\\nQuestion"."""
@@ -200,197 +192,138 @@ def cut_answer(text: str) -> str:
     return text.strip()
 
 
-def accepted_answers(row: dict) -> list[str]:
-    return [str(row["answer"])] + [str(a) for a in row.get("aliases") or []]
+def answer_span(response: str) -> str:
+    """The part of a response that states the answer: its first non-empty line, up to the end of its first
+    sentence (". ", "! " or "? "; a decimal point like "3.5" does not end a sentence)."""
+    line = next((ln.strip() for ln in response.strip().splitlines() if ln.strip()), "")
+    return re.split(r"(?<=[.!?])\s+", line, maxsplit=1)[0]
+
+
+def _boundary_pattern(answer: str) -> str:
+    """The answer on word and number boundaries: no letter or digit may touch either end ("mean" is not in
+    "means", "8" not in "18" or "8.5", "10" not in "100"), and a number may not continue with ".5" or ",000"."""
+    a = re.escape(" ".join(answer.lower().split()))
+    return rf"(?<![a-z0-9])(?<![0-9][.,]){a}(?![a-z0-9])(?![.,][0-9])"
+
+
+def strict_match(response: str, answers: list[str]) -> bool:
+    """An accepted answer occurs, case-insensitively and on word and number boundaries, in the answer span."""
+    span = " ".join(answer_span(response).lower().split())
+    return any(re.search(_boundary_pattern(a), span) for a in answers if a.strip())
 
 
 def substring_match(response: str, answers: list[str]) -> bool:
-    """The lesson's rule: any accepted answer is a lower-cased substring of the response."""
+    """The original rule: any accepted answer is a lower-cased substring of the whole response."""
     r = response.lower()
     return any(a.lower() in r for a in answers)
 
 
-def evaluate_general_qa(model, tok, rows: list[dict], batch_size: int = 16, chat: bool = False,
-                        max_new_tokens: int = 24, progress: bool = False) -> dict:
-    """Greedy answers to general questions: accuracy, per-category accuracy, and the items."""
-    prompts = [r["question"] if chat else qa_prompt(r["question"]) for r in rows]
-    raw = generate(model, tok, prompts, max_new_tokens=max_new_tokens, chat=chat, batch_size=batch_size,
-                   progress=progress)
+MATCHERS = {"strict": strict_match, "substring": substring_match}
+
+
+def accepted_answers(row: dict) -> list[str]:
+    return [str(row["answer"])] + [str(a) for a in row.get("aliases") or []]
+
+
+# ----------------------------------------------------------------------------- scorers
+# Each scorer(model, tok, rows, opts) returns the per-item records (with an "id") and any extra results.
+
+@dataclass(frozen=True)
+class Options:
+    batch_size: int = 16
+    chat: bool = True  # general_qa as a chat turn (else "Question: ...\nAnswer:" completion)
+    match: str = "strict"
+    progress: bool = False
+
+
+def qa_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def score_general_qa(model, tok, rows, opts: Options, max_new_tokens: int = 24):
+    prompts = [r["question"] if opts.chat else qa_prompt(r["question"]) for r in rows]
+    raw = generate(model, tok, prompts, max_new_tokens=max_new_tokens, chat=opts.chat, batch_size=opts.batch_size,
+                   progress=opts.progress)
     items = []
     for row, prompt, text in zip(rows, prompts, raw):
-        response = text.strip() if chat else cut_answer(text)
+        response = text.strip() if opts.chat else cut_answer(text)
         answers = accepted_answers(row)
-        items.append(dict(category=row.get("category", "all"), prompt=prompt, response=response, raw=text,
-                          answers=answers, correct=substring_match(response, answers)))
+        items.append(dict(id=row["id"], category=row.get("category", "all"), prompt=prompt, response=response,
+                          answers=answers, correct=MATCHERS[opts.match](response, answers)))
     by_cat: dict[str, list[bool]] = {}
     for it in items:
         by_cat.setdefault(it["category"], []).append(it["correct"])
-    return dict(accuracy=_mean([it["correct"] for it in items]),
-                category_accuracy={c: _mean(v) for c, v in sorted(by_cat.items())},
-                n=len(items), chat=chat, items=items)
+    return items, dict(chat=opts.chat, match=opts.match,
+                       category_accuracy={c: sum(v) / len(v) for c, v in sorted(by_cat.items())})
 
 
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
+def score_instructions(model, tok, rows, opts: Options, max_new_tokens: int = 64):
+    from instruction_checks import check_response
 
-
-# ----------------------------------------------------------------------------- checklist
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9']+", text)
-
-
-def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", text.lower()) is not None
-
-
-def _looks_like_sentence(text: str) -> bool:
-    """A grammatical-looking sentence: starts with a capital letter, has 4+ words, ends with . ! or ?"""
-    s = text.strip().split("\n")[0].strip()
-    return bool(re.match(r"^[\"']?[A-Z]", s)) and len(_words(s)) >= 4 and s.rstrip("\"' ")[-1:] in ".!?"
-
-
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "violet", "pink", "brown", "black", "white",
-          "gray", "grey", "indigo", "cyan", "magenta", "gold", "silver", "teal", "turquoise", "beige")
-
-
-def _count_colors(text: str) -> int:
-    return sum(_has_word(text, c) for c in COLORS)
-
-
-def _numbered_items(text: str) -> int:
-    return len(re.findall(r"(?m)^\s*\d+[.)]\s+\S", text))
-
-
-def _bullet_items(text: str) -> int:
-    return len(re.findall(r"(?m)^\s*[-*•]\s+\S", text))
-
-
-def _parse_json(text: str):
-    """json.loads of the response, allowing a ``` fence around it (as IFEval does)."""
-    s = text.strip()
-    fence = re.match(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", s, re.S)
-    if fence:
-        s = fence.group(1).strip()
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return None
-
-
-def _is_json_object_with(text: str, keys) -> bool:
-    obj = _parse_json(text)
-    return isinstance(obj, dict) and all(k in obj for k in keys)
-
-
-def _counts_to_five(text: str) -> bool:
-    nums = re.findall(r"\d+", text)
-    return any(nums[i:i + 5] == ["1", "2", "3", "4", "5"] for i in range(len(nums)))
-
-
-CHECKLIST = [
-    # The lesson's four.
-    dict(name="basic_grammar", severity="high", prompt="Write one sentence about the weather today.",
-         check=_looks_like_sentence),
-    dict(name="simple_arithmetic", severity="high", prompt="What is 2+2?",
-         check=lambda r: _has_word(r, "4") or _has_word(r, "four")),
-    dict(name="instruction_following", severity="medium", prompt="List three colors.",
-         check=lambda r: _count_colors(r) >= 3),
-    dict(name="factual_knowledge", severity="high", prompt="What is the capital of France?",
-         check=lambda r: "paris" in r.lower()),
-    # Verifiable instruction following, IFEval-style.
-    dict(name="word_limit", severity="medium", prompt="Describe the moon in fewer than 20 words.",
-         check=lambda r: 0 < len(_words(r)) < 20),
-    dict(name="numbered_list", severity="medium",
-         prompt="Give a numbered list of three fruits, one per line, like:\n1. ...\n2. ...\n3. ...",
-         check=lambda r: _numbered_items(r) >= 3),
-    dict(name="bullet_list", severity="low", prompt="Give three tips for sleeping well as a bullet list using '-'.",
-         check=lambda r: _bullet_items(r) >= 3),
-    dict(name="valid_json", severity="medium",
-         prompt='Output only a JSON object with the keys "name" and "age" for a person called Anna who is 30.',
-         check=lambda r: _is_json_object_with(r, ("name", "age"))),
-    dict(name="all_lowercase", severity="low",
-         prompt="Write a short sentence about dogs using only lowercase letters, no capital letters at all.",
-         check=lambda r: any(c.isalpha() for c in r) and r == r.lower()),
-    dict(name="required_keyword", severity="medium",
-         prompt="Write one sentence about the ocean that uses the word 'blue'.",
-         check=lambda r: _has_word(r, "blue")),
-    dict(name="yes_no_answer", severity="medium", prompt="Is the sun hot? Answer with yes or no.",
-         check=lambda r: _has_word(r[:20], "yes")),
-    dict(name="one_word_answer", severity="low", prompt="What color is grass? Answer with one word.",
-         check=lambda r: len(_words(r)) <= 3 and _has_word(r, "green")),
-    dict(name="repeat_exactly", severity="low", prompt="Repeat this sentence exactly: The cat sat on the mat.",
-         check=lambda r: "the cat sat on the mat" in r.lower()),
-    dict(name="count_to_five", severity="medium", prompt="Count from 1 to 5.", check=_counts_to_five),
-    dict(name="uppercase_word", severity="low", prompt="Write the word hello in capital letters.",
-         check=lambda r: "HELLO" in r),
-    dict(name="no_commas", severity="low", prompt="Write one sentence about cats without using any commas.",
-         check=lambda r: len(_words(r)) >= 3 and "," not in r),
-]
-
-
-def checklist_score(items: list[dict]) -> dict:
-    """Severity-weighted pass rate Σ w·passed / Σ w (high 3, medium 2, low 1), pass count, per severity."""
-    w = [SEVERITY_WEIGHTS[it["severity"]] for it in items]
-    by_sev = {s: _mean(it["passed"] for it in items if it["severity"] == s)
-              for s in SEVERITY_WEIGHTS if any(it["severity"] == s for it in items)}
-    return dict(score=sum(wi * it["passed"] for wi, it in zip(w, items)) / sum(w),
-                passed=sum(it["passed"] for it in items), total=len(items), severity_pass_rate=by_sev)
-
-
-def run_checklist(model, tok, checks: list[dict] = CHECKLIST, batch_size: int = 16, max_new_tokens: int = 64,
-                  progress: bool = False) -> dict:
-    """Ask each check's prompt as a chat turn (greedy) and apply its check to the response."""
-    responses = generate(model, tok, [c["prompt"] for c in checks], max_new_tokens=max_new_tokens, chat=True,
-                         batch_size=batch_size, progress=progress)
-    items = [dict(name=c["name"], severity=c["severity"], prompt=c["prompt"], response=r.strip(),
-                  passed=bool(c["check"](r.strip()))) for c, r in zip(checks, responses)]
-    return dict(**checklist_score(items), items=items)
-
-
-# ----------------------------------------------------------------------------- multiple choice
-
-def mc_context(row: dict) -> str:
-    return f"Question: {row['question']}\nAnswer:"
-
-
-def mc_continuations(row: dict) -> list[str]:
-    return [" " + str(c) for c in row["choices"]]
-
-
-def evaluate_mc(model, tok, rows: list[dict], batch_size: int = 16, progress: bool = False) -> dict:
-    """Multiple choice by summed continuation log-probability: acc, acc_norm, and per-item records."""
-    requests, spans = [], []
-    for row in rows:
-        ctx, conts = mc_context(row), mc_continuations(row)
-        spans.append((len(requests), len(conts)))
-        requests += [split_request(tok, ctx, c) for c in conts]
-    scores = score_continuations(model, requests, batch_size=batch_size, progress=progress)
+    responses = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, chat=True,
+                         batch_size=opts.batch_size, progress=opts.progress)
     items = []
-    for row, (start, n) in zip(rows, spans):
-        lps = scores[start:start + n]
-        conts = mc_continuations(row)
-        norm = [lp / max(len(c), 1) for lp, c in zip(lps, conts)]
-        pred, pred_norm = _argmax(lps), _argmax(norm)
-        items.append(dict(subject=row.get("subject"), context=mc_context(row), continuations=conts,
-                          logprobs=lps, pred=pred, pred_norm=pred_norm, answer=int(row["answer"])))
-    return dict(acc=_mean(it["pred"] == it["answer"] for it in items),
-                acc_norm=_mean(it["pred_norm"] == it["answer"] for it in items),
-                n=len(items), items=items)
+    for row, text in zip(rows, responses):
+        verdict = check_response(row, text.strip())
+        items.append(dict(id=row["id"], category=row.get("category"), prompt=row["prompt"], response=text.strip(),
+                          passed=verdict["passed"], failed=verdict["failed"]))
+    return items, {}
+
+
+def _norm_len(choice: str) -> int:
+    """The character length acc_norm divides by: the choice without its leading space (the harness's)."""
+    return max(len(choice[1:] if choice.startswith(" ") else choice), 1)
 
 
 def _argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda i: xs[i])
 
 
-# ----------------------------------------------------------------------------- perplexity
+def score_benchmark(model, tok, rows, opts: Options):
+    """lm-evaluation-harness zero-shot requests (../shared/data/README.md): "mc" scores each choice after the
+    context, "partial" scores the continuation after context + choice, "greedy" checks the single choice is
+    the greedy continuation. One batched pass over all requests of all rows."""
+    requests, spans = [], []
+    for row in rows:
+        if row["scoring"] == "partial":
+            reqs = [split_request(tok, row["context"] + c, row["continuation"]) for c in row["choices"]]
+        else:
+            reqs = [split_request(tok, row["context"], c) for c in row["choices"]]
+        spans.append((len(requests), len(reqs)))
+        requests += reqs
+    scores, greedy = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
+    items = []
+    for row, (start, n) in zip(rows, spans):
+        lps, gold = scores[start:start + n], int(row["gold"])
+        item = dict(id=row["id"], logprobs=lps, gold=gold)
+        if row["scoring"] == "greedy":
+            n_tokens = len(requests[start][1])
+            item.update(correct=greedy[start], nll=-lps[0], tokens=n_tokens)
+        else:
+            pred = _argmax(lps)
+            item.update(pred=pred, correct=pred == gold, chance=1 / n)
+            if row["scoring"] == "mc":
+                pred_norm = _argmax([lp / _norm_len(c) for lp, c in zip(lps, row["choices"])])
+                item.update(pred_norm=pred_norm, correct_norm=pred_norm == gold)
+        items.append(item)
+    return items, {}
 
-def evaluate_perplexity(model, tok, rows: list[dict], batch_size: int = 16, max_len: int = 1024,
-                        progress: bool = False) -> dict:
-    """nll = -Σ log p(x_t | x_<t) / (number of predicted tokens) over all texts; ppl = exp(nll).
 
-    Each text is encoded as the model's tokenizer would (a BOS only if it adds one by default) and cut at
+def mmlu_as_benchmark(row: dict) -> dict:
+    """An MMLU row as an "mc" request: "Question: {q}\\nAnswer:" and " {choice}"."""
+    return dict(id=row["id"], context=qa_prompt(row["question"]), choices=[" " + str(c) for c in row["choices"]],
+                gold=row["answer"], scoring="mc")
+
+
+def score_mmlu(model, tok, rows, opts: Options):
+    items, extra = score_benchmark(model, tok, [mmlu_as_benchmark(r) for r in rows], opts)
+    for it, row in zip(items, rows):
+        it["subject"] = row.get("subject")
+    return items, extra
+
+
+def score_perplexity(model, tok, rows, opts: Options, max_len: int = 1024):
+    """Each text encoded as the model's tokenizer would (a BOS only if it adds one by default) and cut at
     max_len tokens; the first token has nothing to be predicted from, so it is context, not a target."""
     requests, truncated = [], 0
     for row in rows:
@@ -398,20 +331,11 @@ def evaluate_perplexity(model, tok, rows: list[dict], batch_size: int = 16, max_
         truncated += len(ids) > max_len
         ids = ids[:max_len]
         requests.append((ids[:1], ids[1:]))
-    scores = score_continuations(model, requests, batch_size=batch_size, progress=progress)
-    n_tokens = [len(c) for _, c in requests]
-    total = sum(n_tokens)
-    nll = -sum(scores) / total
-    items = [dict(text=row["text"][:80], tokens=n, nll=-s / n if n else float("nan"))
-             for row, s, n in zip(rows, scores, n_tokens)]
-    return dict(nll=nll, ppl=math.exp(nll), tokens=total, truncated=truncated, n=len(items), items=items)
-
-
-# ----------------------------------------------------------------------------- domain
-
-def whole_word_match(response: str, answers: list[str]) -> bool:
-    """Any accepted answer occurs in the response as whole words, case-insensitively."""
-    return any(_has_word(response, a) for a in answers)
+    scores, _ = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
+    items = [dict(id=row["id"], text=row["text"][:80], tokens=len(c), nll=-s / len(c))
+             for row, s, (_, c) in zip(rows, scores, requests)]
+    nll = sum(it["nll"] * it["tokens"] for it in items) / sum(it["tokens"] for it in items)
+    return items, dict(ppl=math.exp(nll), tokens=sum(it["tokens"] for it in items), truncated=truncated)
 
 
 def domain_nll_request(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
@@ -427,40 +351,125 @@ def domain_nll_request(tok, row: dict, max_len: int) -> tuple[list[int], list[in
     return ids[:a], ids[a:b]
 
 
-def evaluate_domain(model, tok, rows: list[dict], batch_size: int = 16, max_new_tokens: int = 48,
-                    max_len: int = 512, progress: bool = False) -> dict:
-    """Held-out domain questions: whole-word answer accuracy of greedy chat answers, and the token-weighted
-    NLL of the reference completions."""
+def score_domain(model, tok, rows, opts: Options, max_new_tokens: int = 48, max_len: int = 512):
     responses = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, chat=True,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=opts.batch_size, progress=opts.progress)
     requests = [domain_nll_request(tok, r, max_len) for r in rows]
-    scores = score_continuations(model, requests, batch_size=batch_size, progress=progress)
+    scores, _ = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
     items = []
     for row, resp, s, (_, cont) in zip(rows, responses, scores, requests):
         answers = accepted_answers(row)
-        items.append(dict(prompt=row["prompt"], response=resp.strip(), answers=answers,
-                          correct=whole_word_match(resp, answers), nll=-s / len(cont), tokens=len(cont)))
-    total = sum(it["tokens"] for it in items)
-    return dict(accuracy=_mean(it["correct"] for it in items), nll=-sum(scores) / total, tokens=total,
-                n=len(items), items=items)
+        items.append(dict(id=row["id"], drug=row.get("drug"), prompt=row["prompt"], response=resp.strip(),
+                          answers=answers, correct=MATCHERS[opts.match](resp, answers), nll=-s / len(cont),
+                          tokens=len(cont)))
+    return items, dict(match=opts.match)
 
 
-# ----------------------------------------------------------------------------- running tasks
+# ----------------------------------------------------------------------------- the task table
 
-def load_task_rows(task: str, path, limit: int | None = None) -> list[dict]:
-    """Rows of a task's JSONL file, checked for the fields the task reads. With a limit, `limit` rows evenly
-    spaced over the file (files are often sorted by category or subject, so the first N would cover one)."""
+@dataclass(frozen=True)
+class Metric:
+    """A number reported with its interval and paired before/after: the mean of the items' `field`, weighted by
+    their `weight` field when given (tokens, for a token-weighted NLL). binary: a proportion of booleans."""
+    key: str
+    field: str
+    higher_is_better: bool = True
+    weight: str | None = None
+    binary: bool = True
+
+
+ACC = Metric("acc", "correct")
+ACC_NORM = Metric("acc_norm", "correct_norm")
+ACCURACY = Metric("accuracy", "correct")
+TOKEN_NLL = Metric("nll", "nll", higher_is_better=False, weight="tokens", binary=False)
+WORD_NLL = Metric("nll", "nll", higher_is_better=False, binary=False)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    data: Path
+    fields: tuple[str, ...]  # what every row must have
+    score: Callable  # score(model, tok, rows, opts) -> (items, extra results)
+    metrics: tuple[Metric, ...]
+    uses_match: bool = False  # its accuracy depends on --match
+
+
+BENCHMARK_FIELDS = ("id", "context", "choices", "gold", "scoring")
+TASKS = {t.name: t for t in [
+    Task("general_qa", REPO / "data" / "general_qa.jsonl", ("question", "answer"), score_general_qa, (ACCURACY,),
+         uses_match=True),
+    Task("instructions", REPO / "data" / "instructions.jsonl", ("id", "prompt", "checks"), score_instructions,
+         (Metric("pass_rate", "passed"),)),
+    Task("hellaswag", SHARED / "hellaswag.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
+    Task("arc_easy", SHARED / "arc_easy.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
+    Task("arc_challenge", SHARED / "arc_challenge.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
+    Task("winogrande", SHARED / "winogrande.jsonl", BENCHMARK_FIELDS + ("continuation",), score_benchmark, (ACC,)),
+    Task("lambada", SHARED / "lambada_openai.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, WORD_NLL)),
+    Task("mmlu", SHARED / "mmlu_val.jsonl", ("question", "choices", "answer"), score_mmlu, (ACC, ACC_NORM)),
+    Task("ppl", REPO / "data" / "general_text.jsonl", ("text",), score_perplexity, (TOKEN_NLL,)),
+    Task("domain_recall", REPO / "data" / "domain_recall.jsonl", ("prompt", "completion", "answer"), score_domain,
+         (ACCURACY, TOKEN_NLL), uses_match=True),
+    Task("domain_unseen", REPO / "data" / "domain_unseen.jsonl", ("prompt", "completion", "answer"), score_domain,
+         (ACCURACY, TOKEN_NLL), uses_match=True),
+]}
+
+# The before/after evaluations of train.py (--eval) and eval.py (--level): {task: items (None = the whole
+# split)}, always on the test split. The default model is clearly above chance on these benchmarks (README);
+# 300 items keep the Wilson interval near ±0.055 and the whole "full" level near the time the original
+# five-task evaluation took on a 2-core CPU. The whole benchmark sets are a --tasks/--limit away.
+LEVELS = {
+    "full": {"general_qa": None, "instructions": None, "ppl": None, "domain_recall": None, "domain_unseen": None,
+             "hellaswag": 300, "arc_easy": 300, "lambada": 300},
+    "quick": {"general_qa": 64, "ppl": 32, "domain_recall": 32, "domain_unseen": 32},
+}
+
+
+# ----------------------------------------------------------------------------- rows and splits
+
+def row_split(row: dict) -> str:
+    """A row's fixed split: its "split" field, else (the public benchmarks) a hash of its id: sha256 even = dev."""
+    if "split" in row:
+        return row["split"]
+    return "dev" if hashlib.sha256(str(row["id"]).encode()).digest()[-1] % 2 == 0 else "test"
+
+
+def _check_row(task: str, row: dict) -> str | None:
+    """What is wrong with a row the task's scorer would read, or None."""
+    missing = [k for k in TASKS[task].fields if k not in row]
+    if missing:
+        return f"{task} row is missing field {missing[0]!r} (needs {', '.join(TASKS[task].fields)})"
+    if row.get("split", "dev") not in ("dev", "test"):
+        return f"split must be \"dev\" or \"test\", got {row['split']!r}"
+    if "choices" in row:
+        gold = row.get("gold", row.get("answer"))
+        if not (isinstance(row["choices"], list) and row["choices"] and isinstance(gold, int)
+                and 0 <= gold < len(row["choices"])):
+            return f"{task} row needs a non-empty list 'choices' and an integer index into it"
+    if "scoring" in row and row["scoring"] not in ("mc", "partial", "greedy"):
+        return f"unknown scoring {row['scoring']!r} (mc, partial or greedy)"
+    return None
+
+
+def load_task_rows(task: str, path, split: str = "all", limit: int | None = None) -> list[dict]:
+    """Rows of a task's JSONL file, checked for the fields the task reads, each with an "id" (its own, else
+    "<file>:<line>"); those of `split` ("dev", "test" or "all"); with a limit, `limit` rows evenly spaced over
+    them (files are often sorted by category or subject, so the first N would cover one)."""
     path = Path(path)
-    numbered = read_jsonl(path)
+    if task == "instructions":
+        from instruction_checks import load_instructions
+
+        numbered = list(enumerate(load_instructions(path), start=1))
+    else:
+        numbered = read_jsonl(path)
+    rows = []
     for lineno, row in numbered:
-        missing = [k for k in REQUIRED_FIELDS[task] if k not in row]
-        if missing:
-            raise ForgetlabError(f"{path}:{lineno}: {task} row is missing field {missing[0]!r} "
-                                 f"(needs {', '.join(REQUIRED_FIELDS[task])})")
-        if task == "mc" and not (isinstance(row["choices"], list) and isinstance(row["answer"], int)
-                                 and 0 <= row["answer"] < len(row["choices"])):
-            raise ForgetlabError(f"{path}:{lineno}: mc row needs a list 'choices' and an integer 'answer' index into it")
-    rows = [row for _, row in numbered]
+        problem = _check_row(task, row)
+        if problem:
+            raise ForgetlabError(f"{path}:{lineno}: {problem}")
+        rows.append({"id": f"{path.name}:{lineno}", **row})
+    if split != "all":
+        rows = [r for r in rows if row_split(r) == split]
     if limit is not None and limit < len(rows):
         if limit < 1:
             raise ForgetlabError(f"--limit must be >= 1, got {limit}")
@@ -468,144 +477,170 @@ def load_task_rows(task: str, path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def evaluate(model, tok, tasks=TASKS, limit: int | dict | None = None, data_paths: dict | None = None,
-             batch_size: int = 16, progress: bool = True, chat_qa: bool = False) -> dict:
-    """Run `tasks` on the model as it is (a LoRA adapter applied to it is live in every forward pass).
+# ----------------------------------------------------------------------------- running tasks
 
-    Returns {task: {metrics..., "items": [...], "data": path, "seconds": s}}; a task whose default data is
-    absent (mc without ../shared) is {"skipped": reason}. data_paths overrides a task's file. limit caps the
-    rows of every task (an int) or of some ({"mc": 100, "ppl": 40}); the checklist is always asked whole."""
-    data_paths = data_paths or {}
+def summarize(task: Task, items: list[dict]) -> dict:
+    """Each metric's value and 95% interval from the items: Wilson for a proportion, a bootstrap over items for a
+    (weighted) mean; the mean chance level and whether each accuracy's interval includes it."""
+    out = {}
+    chances = [it["chance"] for it in items if "chance" in it]
+    chance = sum(chances) / len(chances) if chances and len(chances) == len(items) else None
+    for m in task.metrics:
+        xs = [it[m.field] for it in items]
+        if m.binary:
+            k, n = sum(map(bool, xs)), len(xs)
+            out[m.key], out[f"{m.key}_ci"] = (k / n if n else float("nan")), list(stats.wilson_interval(k, n))
+            if chance is not None:
+                out[f"{m.key}_at_chance"] = stats.at_chance(*out[f"{m.key}_ci"], chance)
+        else:
+            w = [it[m.weight] for it in items] if m.weight else None
+            value, lo, hi = stats.paired_bootstrap([0.0] * len(xs), xs, weights=w)  # one sample: before = 0
+            out[m.key], out[f"{m.key}_ci"] = value, [lo, hi]
+    if chance is not None:
+        out["chance"] = chance
+    return out
+
+
+def evaluate(model, tok, tasks=None, level: str = "full", limit: int | dict | None = None, split: str = "test",
+             data_paths: dict | None = None, batch_size: int = 16, progress: bool = True, chat: bool = True,
+             match: str = "strict") -> dict:
+    """Run `tasks` (default: the level's tasks with its item limits) on the model as it is (a LoRA adapter
+    applied to it is live in every forward pass).
+
+    Returns {task: {metric: value, metric_ci: [lo, hi], ..., "n", "items": [...], "data", "split", "seconds"}};
+    a task whose default data is absent (the benchmarks without ../shared) is {"skipped": reason}. data_paths
+    overrides a task's file; limit caps the items of every task (an int) or of some ({"hellaswag": 100})."""
+    if tasks is None:
+        if level not in LEVELS:
+            raise ForgetlabError(f"unknown evaluation level {level!r}: choose from {', '.join(LEVELS)}")
+        tasks, limit = tuple(LEVELS[level]), {**LEVELS[level], **(limit if isinstance(limit, dict) else {})}
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ForgetlabError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}")
+    if split not in SPLITS or match not in MATCHERS:
+        raise ForgetlabError(f"split must be one of {SPLITS} and match one of {tuple(MATCHERS)}")
+    data_paths, opts = data_paths or {}, Options(batch_size, chat, match, progress)
     results = {}
-    for task in tasks:
-        t0 = time.perf_counter()
-        if task == "checklist":
-            res = run_checklist(model, tok, batch_size=batch_size, progress=progress)
-        else:
-            path = Path(data_paths.get(task) or DEFAULT_DATA[task])
-            if task not in data_paths and not path.is_file():
-                reason = f"{path} not found"
-                print(f"eval: skipping {task}: {reason}", file=sys.stderr)
-                results[task] = dict(skipped=reason)
-                continue
-            rows = load_task_rows(task, path, limit.get(task) if isinstance(limit, dict) else limit)
-            if task == "general_qa":
-                res = evaluate_general_qa(model, tok, rows, batch_size=batch_size, chat=chat_qa, progress=progress)
-            elif task == "mc":
-                res = evaluate_mc(model, tok, rows, batch_size=batch_size, progress=progress)
-            elif task == "ppl":
-                res = evaluate_perplexity(model, tok, rows, batch_size=batch_size, progress=progress)
-            else:
-                res = evaluate_domain(model, tok, rows, batch_size=batch_size, progress=progress)
-            res["data"] = str(path)
-        res["seconds"] = round(time.perf_counter() - t0, 2)
-        results[task] = res
+    for name in tasks:
+        task, t0 = TASKS[name], time.perf_counter()
+        path = Path(data_paths.get(name) or task.data)
+        if name not in data_paths and not path.is_file():
+            results[name] = dict(skipped=f"{path} not found")
+            print(f"eval: skipping {name}: {path} not found", file=sys.stderr)
+            continue
+        n_limit = limit.get(name) if isinstance(limit, dict) else limit
+        rows = load_task_rows(name, path, split, n_limit)
+        items, extra = task.score(model, tok, rows, opts)
+        res = dict(**summarize(task, items), n=len(items), **extra, data=str(path), split=split, limit=n_limit,
+                   items=items, seconds=round(time.perf_counter() - t0, 2))
+        results[name] = res
         if progress:
-            print(f"eval: {task}: {summary_line(task, res)} ({res['seconds']:.1f}s)", file=sys.stderr)
+            print(f"eval: {name}: {summary_line(name, res)} ({res['seconds']:.1f}s)", file=sys.stderr)
     return results
 
 
-def summary_line(task: str, res: dict) -> str:
+def summary_line(name: str, res: dict) -> str:
+    """'acc 0.412 [0.357, 0.469], acc_norm ... (n=300)'; an accuracy whose interval includes chance says so."""
     if "skipped" in res:
         return f"skipped ({res['skipped']})"
-    if task == "general_qa":
-        return f"accuracy {res['accuracy']:.3f} (n={res['n']})"
-    if task == "checklist":
-        return f"score {res['score']:.3f}, {res['passed']}/{res['total']} passed"
-    if task == "mc":
-        return f"acc {res['acc']:.3f}, acc_norm {res['acc_norm']:.3f} (n={res['n']})"
-    if task == "ppl":
-        return f"nll {res['nll']:.4f}, ppl {res['ppl']:.2f} ({res['tokens']} tokens)"
-    return f"accuracy {res['accuracy']:.3f}, nll {res['nll']:.4f} (n={res['n']})"
+    parts = []
+    for m in TASKS[name].metrics:
+        digits = 3 if m.binary else 4
+        text = f"{m.key} {stats.format_interval(res[m.key], *res[f'{m.key}_ci'], digits=digits)}"
+        if res.get(f"{m.key}_at_chance"):
+            text += f" (at chance, {res['chance']:.3f})"
+        parts.append(text)
+    return ", ".join(parts) + f" (n={res['n']})"
 
 
 # ----------------------------------------------------------------------------- before / after
-
-# (name, task, metric, higher is better) for the deltas reported next to the lesson's QA fields.
-DELTA_METRICS = (
-    ("ppl_nll", "ppl", "nll", False),
-    ("ppl", "ppl", "ppl", False),
-    ("checklist_score", "checklist", "score", True),
-    ("mc_acc", "mc", "acc", True),
-    ("mc_acc_norm", "mc", "acc_norm", True),
-    ("domain_accuracy", "domain", "accuracy", True),
-    ("domain_nll", "domain", "nll", False),
-)
-
-
-METRIC_KEYS = {"accuracy"} | {key for _, _, key, _ in DELTA_METRICS}  # the numbers compare_forgetting reads
-
 
 def _results(d: dict) -> dict:
     """Accept evaluate()'s dict or a whole OUT.json (which holds it under "results")."""
     return d["results"] if "results" in d else d
 
 
-def _metric(results: dict, task: str, key: str):
-    res = results.get(task)
-    if not res or "skipped" in res or key not in res:
-        return None
-    return res[key]
+def compare_metric(metric: Metric, before: dict, after: dict) -> dict:
+    """One metric of one task, before vs after on the same items: the paired difference after − before with its
+    95% interval (Newcombe's for a proportion, with McNemar's exact p; a paired bootstrap for a mean) and the
+    verdict that interval gives. Both sides at chance: "at chance", whatever the difference."""
+    ib, ia = before["items"], after["items"]
+    xb, xa = [it[metric.field] for it in ib], [it[metric.field] for it in ia]
+    row = dict(metric=metric.key, n=len(ib), higher_is_better=metric.higher_is_better,
+               before=before[metric.key], before_ci=before[f"{metric.key}_ci"],
+               after=after[metric.key], after_ci=after[f"{metric.key}_ci"], p=None)
+    if metric.binary:
+        row["delta"], lo, hi = stats.paired_accuracy_difference(xb, xa)
+        row["p"] = stats.mcnemar(xb, xa)["p"]
+    else:
+        w = [it[metric.weight] for it in ib] if metric.weight else None
+        row["delta"], lo, hi = stats.paired_bootstrap(xb, xa, weights=w)
+    row["delta_ci"] = [lo, hi]
+    at_chance = before.get(f"{metric.key}_at_chance") and after.get(f"{metric.key}_at_chance")
+    row["verdict"] = "at chance" if at_chance else stats.verdict(lo, hi, metric.higher_is_better)
+    return row
 
 
-def compare_forgetting(before: dict, after: dict, threshold: float = 0.10) -> dict:
-    """Forgetting between two evaluations, the lesson's fields from general QA:
-        accuracy_drop = accuracy_before - accuracy_after,  forgetting_detected = accuracy_drop > threshold,
-        category_drops = {category: before - after},  recommendation (a sentence),
-    plus deltas = {metric: {before, after, delta = after - before, worse}} for perplexity NLL, checklist,
-    MC and domain metrics present on both sides."""
+def compare_forgetting(before: dict, after: dict) -> dict:
+    """Every metric of every task evaluated on both sides, paired item by item (compare_metric), plus
+    forgot / improved lists, a one-line summary, and general QA's per-category accuracies (descriptive: a dozen
+    questions each, too few for a verdict). Raises ForgetlabError if the two sides scored different items."""
     b, a = _results(before), _results(after)
-    acc_b, acc_a = _metric(b, "general_qa", "accuracy"), _metric(a, "general_qa", "accuracy")
-    drop = acc_b - acc_a if acc_b is not None and acc_a is not None else None
-    cats_b = _metric(b, "general_qa", "category_accuracy") or {}
-    cats_a = _metric(a, "general_qa", "category_accuracy") or {}
-    category_drops = {c: cats_b[c] - cats_a[c] for c in sorted(cats_b) if c in cats_a}
-    detected = drop is not None and drop > threshold
-    deltas = {}
-    for name, task, key, higher_better in DELTA_METRICS:
-        vb, va = _metric(b, task, key), _metric(a, task, key)
-        if vb is not None and va is not None:
-            delta = va - vb
-            deltas[name] = dict(before=vb, after=va, delta=delta, worse=delta < 0 if higher_better else delta > 0)
-    return dict(accuracy_before=acc_b, accuracy_after=acc_a, accuracy_drop=drop, threshold=threshold,
-                forgetting_detected=detected, category_drops=category_drops,
-                recommendation=recommendation(drop, threshold, deltas), deltas=deltas)
+    rows = []
+    for name, task in TASKS.items():
+        rb, ra = b.get(name), a.get(name)
+        if not rb or not ra or "skipped" in rb or "skipped" in ra:
+            continue
+        if [it["id"] for it in rb["items"]] != [it["id"] for it in ra["items"]]:
+            raise ForgetlabError(f"{name}: before and after were evaluated on different items (split or limit "
+                                 "differ), so they cannot be paired")
+        for m in task.metrics:
+            rows.append(dict(task=name, **compare_metric(m, rb, ra)))
+    forgot = [f"{r['task']} {r['metric']}" for r in rows if r["verdict"] == "forgot"]
+    improved = [f"{r['task']} {r['metric']}" for r in rows if r["verdict"] == "improved"]
+    qa_b, qa_a = b.get("general_qa") or {}, a.get("general_qa") or {}
+    cats = {c: dict(before=v, after=qa_a["category_accuracy"][c])
+            for c, v in (qa_b.get("category_accuracy") or {}).items() if c in (qa_a.get("category_accuracy") or {})}
+    return dict(metrics=rows, forgot=forgot, improved=improved, summary=summary_sentence(forgot, improved, rows),
+                categories=cats, split=next((r.get("split") for r in b.values() if isinstance(r, dict)
+                                              and "split" in r), None),
+                match=next((r["match"] for r in b.values() if isinstance(r, dict) and "match" in r), None))
 
 
-def recommendation(drop, threshold: float, deltas: dict) -> str:
-    if drop is None:
-        return "General QA was not evaluated on both sides: forgetting cannot be judged by accuracy."
-    if drop > threshold:
-        return (f"Significant forgetting detected (general QA accuracy dropped {drop:.1%} > {threshold:.0%}): "
-                "consider LoRA, a lower learning rate, fewer epochs, replay of general data, or EWC.")
-    nll = deltas.get("ppl_nll")
-    if drop > threshold / 2 or (nll is not None and nll["delta"] > 0.1):
-        return ("Mild forgetting (accuracy within the threshold, but general ability is slipping): watch it; "
-                "replay or a lower learning rate would limit it.")
-    return "No significant forgetting."
+def summary_sentence(forgot: list[str], improved: list[str], rows: list[dict]) -> str:
+    if not rows:
+        return "No task was evaluated on both sides: nothing to compare."
+    if forgot:
+        return (f"Forgetting detected (95% interval of the paired difference excludes zero) on: {', '.join(forgot)}. "
+                "Mitigations: LoRA, a lower learning rate, fewer epochs, replay of general data, EWC.")
+    return "No detectable forgetting: every general metric's interval of change includes zero or shows improvement."
 
 
 def format_report(comparison: dict, title: str = "Forgetting report") -> str:
-    """The comparison as a markdown report: headline verdict, metric table, per-category drops."""
+    """The comparison as markdown: the summary, one row per metric with both intervals, the paired difference,
+    McNemar's p for accuracies and the verdict, and the rules used."""
     c = comparison
-    lines = [f"## {title}", ""]
-    if c["accuracy_drop"] is not None:
-        lines.append(f"General QA accuracy: {c['accuracy_before']:.3f} → {c['accuracy_after']:.3f} "
-                     f"(drop {c['accuracy_drop']:+.3f}, threshold {c['threshold']:.2f}): "
-                     f"**{'forgetting detected' if c['forgetting_detected'] else 'no significant forgetting'}**")
-    lines += ["", c["recommendation"], ""]
-    if c["deltas"]:
-        lines += ["| metric | before | after | delta |", "|---|---:|---:|---:|"]
-        for name, d in c["deltas"].items():
-            flag = " (worse)" if d["worse"] else ""
-            lines.append(f"| {name} | {d['before']:.4f} | {d['after']:.4f} | {d['delta']:+.4f}{flag} |")
+    lines = [f"## {title}", "", c["summary"], ""]
+    rules = [f"split: {c['split']}"] if c.get("split") else []
+    if c.get("match"):
+        rules.append(f"answer matching: {c['match']} ({MATCH_RULES[c['match']]})")
+    if rules:
+        lines += ["; ".join(rules) + ". Intervals are 95%; differences are paired by item (after − before).", ""]
+    if c["metrics"]:
+        lines += ["| task | metric | n | before | after | after − before | p | verdict |",
+                  "|---|---|---:|---|---|---|---:|---|"]
+        for r in c["metrics"]:
+            d = 3 if r["p"] is not None else 4
+            p = f"{r['p']:.3f}" if r["p"] is not None else ""
+            lines.append(f"| {r['task']} | {r['metric']} | {r['n']} | "
+                         f"{stats.format_interval(r['before'], *r['before_ci'], digits=d)} | "
+                         f"{stats.format_interval(r['after'], *r['after_ci'], digits=d)} | "
+                         f"{stats.format_interval(r['delta'], *r['delta_ci'], digits=d)} | {p} | {r['verdict']} |")
         lines.append("")
-    if c["category_drops"]:
-        lines += ["| category | accuracy drop |", "|---|---:|"]
-        lines += [f"| {cat} | {d:+.3f} |" for cat, d in sorted(c["category_drops"].items(), key=lambda x: -x[1])]
+    if c.get("categories"):
+        lines += ["General QA by category (descriptive only: too few questions each for a verdict):", "",
+                  "| category | before | after |", "|---|---:|---:|"]
+        lines += [f"| {cat} | {v['before']:.3f} | {v['after']:.3f} |" for cat, v in sorted(c["categories"].items())]
         lines.append("")
     return "\n".join(lines)
 
@@ -614,23 +649,34 @@ def format_report(comparison: dict, title: str = "Forgetting report") -> str:
 
 def read_results(path) -> dict:
     """An eval.py results file, checked enough that comparing it cannot crash: a JSON object whose "results"
-    object maps tasks to objects, their metrics numbers."""
+    maps tasks to objects; a task's metrics are numbers with [lo, hi] intervals and its items a list of objects
+    carrying the fields the metrics read."""
     d = read_json_object(path, "results file")
     if not isinstance(d.get("results"), dict):
         raise ForgetlabError(f"{path}: not an eval.py results file (no \"results\" object)")
-    for task, res in d["results"].items():
+    for name, res in d["results"].items():
         if not isinstance(res, dict):
-            raise ForgetlabError(f"{path}: results.{task} is not an object")
-        for key, value in res.items():
-            if key in METRIC_KEYS and not (value is None or isinstance(value, (int, float))):
-                raise ForgetlabError(f"{path}: results.{task}.{key} is not a number")
-        if not isinstance(res.get("category_accuracy", {}), dict) or not all(
-                isinstance(v, (int, float)) for v in res.get("category_accuracy", {}).values()):
-            raise ForgetlabError(f"{path}: results.{task}.category_accuracy is not an object of numbers")
+            raise ForgetlabError(f"{path}: results.{name} is not an object")
+        if name not in TASKS or "skipped" in res:
+            continue
+        items = res.get("items")
+        if not isinstance(items, list) or not all(isinstance(it, dict) and "id" in it for it in items):
+            raise ForgetlabError(f"{path}: results.{name}.items is not a list of per-item records with ids")
+        for m in TASKS[name].metrics:
+            ci = res.get(f"{m.key}_ci")
+            if not isinstance(res.get(m.key), (int, float)) or not (
+                    isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)):
+                raise ForgetlabError(f"{path}: results.{name}.{m.key} is not a number with a [lo, hi] interval")
+            if not all(isinstance(it.get(m.field), (bool, int, float)) for it in items):
+                raise ForgetlabError(f"{path}: results.{name}.items lack the number {m.field!r}")
+            if m.weight and not all(isinstance(it.get(m.weight), (int, float)) for it in items):
+                raise ForgetlabError(f"{path}: results.{name}.items lack the weight {m.weight!r}")
     return d
 
 
 def write_json(path, obj):
+    import json
+
     from model.checkpoint import write_atomic_text
 
     path = Path(path)
@@ -649,38 +695,45 @@ def parse_tasks(spec: str) -> tuple[str, ...]:
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Evaluate general capabilities and the domain, or compare two runs.")
+    p = ArgumentParser(description="Evaluate general capabilities and the domain, or compare two evaluations.")
     p.add_argument("--model", help="checkpoint directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="LoRA adapter directory to apply on top of the model")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--level", default="full", choices=tuple(LEVELS),
+                   help="the tasks and item counts of train.py's --eval level of the same name: "
+                        + "; ".join(f"{k}: " + ", ".join(f"{t}" + (f" {n}" if n else "") for t, n in v.items())
+                                    for k, v in LEVELS.items()))
+    p.add_argument("--tasks", help=f"comma-separated tasks instead of the level's: {', '.join(TASKS)}")
+    p.add_argument("--split", default="test", choices=SPLITS, help="evaluate the dev or test half, or all items")
     p.add_argument("--data", help="JSONL file replacing the default data of the (single) task given")
-    p.add_argument("--limit", type=int, help="evaluate N rows per task, evenly spaced over the file")
+    p.add_argument("--limit", type=int, help="evaluate N items per task, evenly spaced over the split")
+    p.add_argument("--match", default="strict", choices=tuple(MATCH_RULES),
+                   help="answer matching for general_qa and the domain tasks: "
+                        + "; ".join(f"{k}: {v}" for k, v in MATCH_RULES.items()))
+    p.add_argument("--no-chat", action="store_true", help="ask general_qa as a 'Question: ... Answer:' completion")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--chat", action="store_true", help="ask general_qa questions in chat format")
     p.add_argument("--out", help="write the results (with per-item records) to this JSON file")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two results files")
-    p.add_argument("--threshold", type=float, default=0.10, help="accuracy drop that counts as forgetting")
     args = p.parse_args(argv)
 
     if args.compare:
-        comparison = compare_forgetting(read_results(args.compare[0]), read_results(args.compare[1]),
-                                        args.threshold)
+        comparison = compare_forgetting(read_results(args.compare[0]), read_results(args.compare[1]))
         print(format_report(comparison))
         if args.out:
             write_json(args.out, comparison)
         return
 
-    tasks = parse_tasks(args.tasks)
+    tasks = parse_tasks(args.tasks) if args.tasks else None
     data_paths = {}
     if args.data:
-        if len(tasks) != 1 or tasks[0] == "checklist":
-            raise ForgetlabError("--data replaces one task's data: give exactly one of "
-                                 "general_qa, mc, ppl, domain in --tasks")
+        if not tasks or len(tasks) != 1:
+            raise ForgetlabError("--data replaces one task's data: give exactly one task in --tasks")
         if not Path(args.data).is_file():
             raise ForgetlabError(f"{args.data}: data file not found")
         data_paths[tasks[0]] = args.data
     if args.batch_size < 1:
         raise ForgetlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ForgetlabError(f"--limit must be >= 1, got {args.limit}")
     if args.model is not None and not Path(args.model).is_dir():
         raise ForgetlabError(f"{args.model}: model directory not found")
     if args.adapter is not None and not Path(args.adapter).is_dir():
@@ -693,14 +746,16 @@ def main(argv=None):
         from lora import load_adapter
 
         load_adapter(model, args.adapter)
-    results = evaluate(model, tok, tasks, limit=args.limit, data_paths=data_paths, batch_size=args.batch_size,
-                       chat_qa=args.chat)
-    for task, res in results.items():
-        print(f"{task}: {summary_line(task, res)}")
+    limit = args.limit if tasks else ({t: args.limit for t in LEVELS[args.level]} if args.limit else None)
+    results = evaluate(model, tok, tasks, level=args.level, limit=limit, split=args.split, data_paths=data_paths,
+                       batch_size=args.batch_size, chat=not args.no_chat, match=args.match)
+    for name, res in results.items():
+        print(f"{name}: {summary_line(name, res)}")
     if args.out:
         write_json(args.out, dict(model=args.model or "default (SmolLM2-135M-Instruct)", adapter=args.adapter,
-                                  tasks=list(tasks), limit=args.limit, batch_size=args.batch_size,
-                                  chat_qa=args.chat, results=results))
+                                  level=None if tasks else args.level, tasks=list(results), split=args.split,
+                                  limit=args.limit, match=args.match, chat=not args.no_chat,
+                                  batch_size=args.batch_size, results=results))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ as r grows.
     apply_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))   # in place; everything else frozen
     with lora_disabled(model): base_logits = model(ids)               # the base model, without reloading it
     save_adapter(model, "out/adapter")                                # PEFT's on-disk format
-    merge_lora(model)                                                 # plain nn.Linear again, HF names
+    merged = merge_lora(model)                                        # a copy: plain nn.Linear, HF names
 
 Parameter names follow PEFT's minus its `base_model.model.` prefix and `.default` adapter name:
 `model.layers.3.self_attn.q_proj.lora_A.weight`, while the frozen base keeps `...q_proj.weight`.
 """
+import copy
 import json
 import math
 import re
@@ -27,10 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
-from errors import ForgetlabError, read_json_object
-from model.checkpoint import write_atomic_safetensors, write_atomic_text
+from errors import ForgetlabError, check_names, read_json_object
+from model.checkpoint import read_safetensors, write_atomic_safetensors, write_atomic_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,7 +61,7 @@ class LoRALinear(nn.Module):
     when W0 is bf16/fp16, so optimizer updates to A and B are not rounded away.
 
     `disabled = True` gives the base layer's output exactly (W0 is never modified by training);
-    `merge()` folds the update into W0 for inference at base-model speed, `unmerge()` takes it out again."""
+    `merged_weight()` is W0 with the update folded in, for a plain nn.Linear (see `merge_lora`)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
@@ -81,11 +81,10 @@ class LoRALinear(nn.Module):
         init_lora_a(self.lora_A.weight)
         init_lora_b(self.lora_B.weight)
         self.disabled = False
-        self.merged = False
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
-        if self.disabled or self.merged:  # merged: the update is already inside W
+        if self.disabled:
             return out
         if self.dropout > 0 and self.training:
             x = F.dropout(x, self.dropout, training=True)
@@ -99,19 +98,9 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
 
     @torch.no_grad()
-    def merge(self):
-        """W ← W + (α/r)·B·A, the sum taken in float32 and rounded once to W's dtype."""
-        if not self.merged:
-            self.weight.copy_(self.weight.float() + self.delta_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        """W ← W − (α/r)·B·A with the same float32 delta. Each element is back to W0 up to one rounding of
-        W's dtype (float32: ≤ 1 ulp); use `disabled` when the base output must be bit-exact."""
-        if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight())
-            self.merged = False
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + (α/r)·B·A, a new (out, in) tensor: the sum taken in float32 and rounded once to W0's dtype."""
+        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -162,7 +151,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.1,
                targets=("q_proj", "v_proj"), rslora: bool = False) -> nn.Module:
     """Replace each target nn.Linear by a LoRALinear, in place, and freeze every other parameter
-    (embeddings, norms, lm_head, the base weights). Prints `trainable: N / M params (x.xx%)`."""
+    (embeddings, norms, lm_head, the base weights). Returns the model; `count_params` gives what trains."""
     if lora_modules(model):
         raise ForgetlabError("LoRA is already applied to this model; merge_lora() it before applying another")
     if not 0.0 <= dropout < 1.0:
@@ -175,10 +164,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     for n, p in model.named_parameters():
         if not is_lora_param(n):
             p.requires_grad_(False)
-    # The lesson's check: only the adapter learns.
-    assert all(p.requires_grad == is_lora_param(n) for n, p in model.named_parameters())
-    n, m = count_params(model)
-    print(f"trainable: {n:,} / {m:,} params ({100 * n / m:.2f}%)")
+    assert all(p.requires_grad == is_lora_param(n) for n, p in model.named_parameters())  # only the adapter learns
     return model
 
 
@@ -186,8 +172,6 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
 def lora_disabled(model: nn.Module):
     """Run the base model: every LoRALinear returns W0·x (bit-exact) inside the block."""
     modules = list(lora_modules(model).values())
-    if any(m.merged for m in modules):
-        raise RuntimeError("lora_disabled on a merged adapter: W already holds the update; unmerge() first")
     previous = [m.disabled for m in modules]
     for m in modules:
         m.disabled = True
@@ -199,21 +183,21 @@ def lora_disabled(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain nn.Linear layers back, in place.
+    """A copy of `model` with every adapter folded into its base weight (`LoRALinear.merged_weight`) and plain
+    nn.Linear layers in place of the LoRALinear ones; `model` itself is left as it is (torchtune, too, merges
+    into a copy rather than in place).
 
-    The model is then what `load_model` would give for the merged weights: the state dict has exactly the
-    HF names (save it with `save_pretrained`) and all parameters are trainable again."""
-    for name, m in lora_modules(model).items():
-        m.merge()
-        with torch.device("meta"):  # a shell: its weight and bias are replaced by the merged Parameters
+    The copy is what `load_model` would give for the merged weights: its state dict has exactly the HF names
+    (save it with `save_pretrained`) and all its parameters are trainable."""
+    merged = copy.deepcopy(model)
+    for name, m in lora_modules(merged).items():
+        with torch.device("meta"):  # a shell: its weight and bias are replaced just below
             linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        linear.weight = m.weight
+        linear.weight = nn.Parameter(m.merged_weight())
         linear.bias = m.bias
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+        setattr(merged.get_submodule(parent_name), child, linear)
+    return merged.requires_grad_(True)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -302,24 +286,14 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
                        targets=config["target_modules"], rslora=rslora)
         except ForgetlabError as e:
             raise ForgetlabError(f"{dir / ADAPTER_CONFIG}: {e}") from None
-    params = {n: p for n, p in model.named_parameters() if is_lora_param(n)}
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            names = list(f.keys())
-            for key in names:
-                name = key.removeprefix(PEFT_PREFIX)
-                if name not in params:
-                    raise ForgetlabError(f"{weights}: tensor {key} has no matching LoRA layer in the model")
-                t = f.get_tensor(key)
-                if t.shape != params[name].shape:
-                    raise ForgetlabError(f"{weights}: shape mismatch for {key}: adapter {tuple(t.shape)} vs model "
-                                         f"{tuple(params[name].shape)} (an adapter for another model?)")
-                with torch.no_grad():
-                    params[name].copy_(t)
-    except (SafetensorError, OSError) as e:
-        raise ForgetlabError(f"{weights}: unreadable safetensors file ({e})") from None
-    missing = sorted(set(params) - {k.removeprefix(PEFT_PREFIX) for k in names})
-    if missing:
-        raise ForgetlabError(f"{weights}: no tensor for {PEFT_PREFIX + missing[0]}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    params = {PEFT_PREFIX + n: p for n, p in model.named_parameters() if is_lora_param(n)}  # the file's names
+    tensors, _ = read_safetensors(weights)
+    check_names(params, tensors, f"{weights}: does not fit the model's LoRA layers")
+    for key, t in tensors.items():
+        if t.shape != params[key].shape:
+            raise ForgetlabError(f"{weights}: shape mismatch for {key}: adapter {tuple(t.shape)} vs model "
+                                 f"{tuple(params[key].shape)} (an adapter for another model?)")
+    with torch.no_grad():
+        for key, t in tensors.items():
+            params[key].copy_(t)
     return model

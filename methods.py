@@ -1,8 +1,9 @@
-"""Forgetting mitigations as plug-ins to the training loop in train.py.
+'''Forgetting mitigations as plug-ins to the training loop in train.py.
 
 A mitigation is a `Method` subclass registered under a name; `python train.py --method NAME` runs it. The loop
 calls its hooks in this order:
 
+    method.check(model, cfg)                          once, before anything slow: reject inputs that do not fit
     method.setup(model, tok, cfg, general_examples)   once, on the model before fine-tuning (e.g. a Fisher estimate)
     method.configure(model)                           once: decide what trains (requires_grad), e.g. add LoRA
     for step in range(total_steps):
@@ -18,16 +19,24 @@ types wins. `state_dict()` / `load_state_dict()` carry the method's own state (a
 resumable checkpoints. Replay is not a hook: any method composes with `--replay-fraction`, which mixes general
 examples into the training set before the loop starts.
 
-A new mitigation, in a file passed with `--method-file`:
+A new mitigation, in a file passed with `--method-file` (README.md's example, `l2_init.py`):
+
+    """L2-to-init: pull the trained weights toward their values before fine-tuning (EWC with F = 1)."""
+    from methods import Method, register
+
 
     @register("l2-init")
     class L2Init(Method):
+        defaults = {"lr": 1e-4}
+        strength = 1.0  # loss += strength / 2 * ||theta - theta_0||^2
+
         def configure(self, model):
-            self.init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
         def extra_loss(self, model, step):
-            return 0.01 / 2 * sum(((p - self.init[n]) ** 2).sum() for n, p in model.named_parameters()
-                                  if p.requires_grad)
-"""
+            return self.strength / 2 * sum(((p - self.theta0[n]) ** 2).sum()
+                                           for n, p in model.named_parameters() if n in self.theta0)
+'''
 import importlib.util
 import sys
 from pathlib import Path
@@ -47,6 +56,10 @@ class Method:
     name = "full"
     defaults: dict = {}
     needs_general_data = False  # True: train.py loads --general-data and passes it to setup()
+
+    def check(self, model, cfg):
+        """Before anything slow (the "before" evaluation, setup), on the unmodified model: raise ForgetlabError
+        if an input the method reads (e.g. a file named in cfg) does not fit, so a mistake costs seconds."""
 
     def setup(self, model, tok, cfg, general_examples):
         """Before training, on the unmodified model. general_examples: tokenized --general-data rows
@@ -136,6 +149,10 @@ class ElasticWeightConsolidation(Method):
 
     needs_general_data = True
 
+    def check(self, model, cfg):
+        if cfg.fisher:  # read (again) in setup; a file that does not fit the model fails here, in seconds
+            EWC.load(cfg.fisher, model, lam=cfg.ewc_lambda, gamma=cfg.ewc_gamma)
+
     def setup(self, model, tok, cfg, general_examples):
         dtype = getattr(torch, cfg.ewc_dtype)
         if cfg.fisher:  # one expensive estimate reused across runs; its anchor stays where it was estimated
@@ -174,9 +191,7 @@ class ElasticWeightConsolidation(Method):
         return self.ewc.state_dict()
 
     def load_state_dict(self, state):
-        for name, f, a in zip(self.ewc.names, self.ewc.fisher, self.ewc.anchor):
-            f.copy_(state[f"fisher.{name}"])
-            a.copy_(state[f"anchor.{name}"])
+        self.ewc.load_state_dict(state)
 
 
 @register("replay")

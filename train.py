@@ -7,9 +7,9 @@
     python train.py --method lora --out runs/a --save-every 50 --resume
 
 The run: evaluate general capability -> method setup (e.g. Fisher on general data) -> fine-tune on --data ->
-method finish -> evaluate again -> write the forgetting report. A plain PyTorch loop, top to bottom: AdamW,
-warmup then cosine/linear/constant decay, gradient accumulation, clipping, bf16 autocast on CUDA with float32
-master weights.
+method finish -> evaluate again -> write the forgetting report; `main` at the bottom reads as these phases. The
+loop, `train`, is plain PyTorch, top to bottom: AdamW, warmup then cosine/linear/constant decay, gradient
+accumulation, clipping, bf16 autocast on CUDA with float32 master weights.
 
 Output directory (--out, default runs/<method>-<timestamp>):
     config.json     every resolved argument
@@ -50,21 +50,12 @@ from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
 from eval import compare_forgetting, evaluate, format_report
 from lora import lora_state_dict, save_adapter
 from methods import REGISTRY, get_method, load_method_file
-from model import load_pretrained, save_pretrained
+from model import IGNORE_INDEX, load_pretrained, save_pretrained
 from model.checkpoint import write_atomic_text
-from train_state import apply_checkpoint, find_latest, restore_rng, save_checkpoint
+from train_state import Progress, resume, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 BEFORE_JSON = "before.json"  # in --out: the "before" evaluation, read back by --resume
-# --eval level -> {task: row limit (None = the whole file)}. MMLU's 1,542 validation questions alone would take
-# longer than the rest of the job on a CPU, so `full` scores an evenly spaced 128 of them. General QA is asked as
-# a chat turn, the way the instruct model (and its fine-tuning data) is used: as a plain "Question: ... Answer:"
-# completion the base SmolLM2-Instruct often ends its turn at once, so that accuracy mostly measures how often
-# the model answers at all, and fine-tuning on answer-first data changes that more than what the model knows.
-EVAL_LEVELS = {
-    "full": {"general_qa": None, "checklist": None, "mc": 128, "ppl": None, "domain": None},
-    "quick": {"general_qa": 64, "ppl": 32, "domain": 32},
-}
 
 
 def arg(default, help, **kw):
@@ -97,7 +88,8 @@ class TrainConfig:
     max_len: int = arg(256, "truncate longer examples to this many tokens (the count is reported)")
     replay_fraction: float = arg(0.0, "mix int(len(data) x this) --general-data examples into the training set")
     seed: int = arg(0, "seed for data order, replay sampling, adapter init and dropout")
-    eval: str = arg("full", "before/after evaluation: full, quick (fewer tasks and items), none",
+    eval: str = arg("full", "before/after evaluation: an eval.py --level (full, quick: see eval.LEVELS) on the test "
+                            "split, or none",
                     choices=("full", "quick", "none"))
     eval_batch_size: int = arg(16, "batch size for evaluation")
     lora_r: int = arg(16, "LoRA rank")
@@ -232,7 +224,7 @@ def configure_optimizers(model, weight_decay: float, lr: float, betas, device_ty
 
 def count_targets(batch) -> int:
     """Labelled positions that the loss averages over (labels[:, 0] is never a target: nothing precedes it)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[float, int]:
@@ -254,13 +246,17 @@ def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[floa
     return loss_sum / max(1, n_total), tokens
 
 
-def micro_batch_stream(examples, cfg, pad_id):
-    """Endless (epoch, micro-batches of one optimizer step) groups; each epoch reshuffles with seed + epoch."""
-    epoch = 0
+def micro_batch_stream(examples, cfg, pad_id, start: int = 0):
+    """Endless (epoch, micro-batches of one optimizer step) groups, from optimizer step `start` on; each epoch
+    reshuffles with seed + epoch, so the data order is a function of (seed, epoch) and a resumed run skips exactly
+    what it trained on."""
+    epoch, step = 0, 0
     while True:
         batches = batches_by_length(examples, cfg.batch_size, pad_id, seed=cfg.seed + epoch)
         for s in range(0, len(batches), cfg.grad_accum):
-            yield epoch, batches[s:s + cfg.grad_accum]
+            if step >= start:
+                yield epoch, batches[s:s + cfg.grad_accum]
+            step += 1
         epoch += 1
 
 
@@ -280,18 +276,26 @@ def checkpoint_note(path) -> str:
     return f"the last checkpoint, {path}, is intact" if path else "no checkpoint was written (see --save-every)"
 
 
-def resume_metrics(path: Path, step: int):
-    """Keep the metrics of steps 1..step (a run killed after its checkpoint logged a few more)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a line cut short by the kill: nothing after it is kept
-    write_atomic_text(path, "".join(kept))
+def skip_or_stop(step: int, cause: str, run: Progress, cfg):
+    """A non-finite optimizer step: drop its batch (no update; the schedule moves on) while --skip-nonfinite
+    allows, else stop the run, naming the step, the cause and the checkpoint to resume from."""
+    if run.skipped >= cfg.skip_nonfinite:
+        raise ForgetlabError(f"step {step + 1}: non-finite {cause}: training stopped; "
+                             f"{checkpoint_note(run.checkpoint)}; lower --lr, or skip such batches with "
+                             f"--skip-nonfinite N")
+    run.skipped += 1
+    print(f"step {step + 1}: non-finite {cause}: batch skipped ({run.skipped} of --skip-nonfinite "
+          f"{cfg.skip_nonfinite})", file=sys.stderr)
+
+
+def write_checkpoint(out: Path, model, optimizer, method, run: Progress, data, epoch: int, config: dict) -> Path:
+    """A resumable checkpoint of the state after step run.step (see train_state.py), never of a poisoned model."""
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise ForgetlabError(f"step {run.step}: non-finite weights after the update: training stopped; "
+                             f"{checkpoint_note(run.checkpoint)}; lower --lr")
+    counters = dict(tokens=run.tokens, skipped=run.skipped, loss=run.loss, examples=len(data.train_set),
+                    epoch=epoch, steps_per_epoch=data.steps_per_epoch)
+    return save_checkpoint(out, run.step, model, optimizer, method, counters, config)
 
 
 def save_outputs(model, tok, cfg, out: Path):
@@ -313,16 +317,11 @@ def save_outputs(model, tok, cfg, out: Path):
 
 
 def run_eval(model, tok, cfg, stage: str):
+    """The --eval level of eval.py (eval.LEVELS): the same tasks, items and settings as `python eval.py --level`."""
     if cfg.eval == "none":
         return None
     print(f"[{stage}] evaluating ({cfg.eval})", file=sys.stderr)
-    model.eval()
-    results = {}
-    with torch.no_grad():
-        for task, limit in EVAL_LEVELS[cfg.eval].items():
-            results |= evaluate(model, tok, tasks=(task,), limit=limit, batch_size=cfg.eval_batch_size, progress=True,
-                                chat_qa=True)
-    return results
+    return evaluate(model, tok, level=cfg.eval, batch_size=cfg.eval_batch_size, progress=True)
 
 
 def read_before(cfg) -> dict | None:
@@ -357,23 +356,41 @@ def training_summary_md(s: dict) -> str:
     return "## Training\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
-def main(argv=None):
-    t_start = time.time()
-    cfg, method = parse_config(argv)
-    device = resolve_device(cfg.device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def output_dir(cfg, method) -> Path:
+    """--out, or runs/<method>-<timestamp>. Checked now, created only after the "before" evaluation and the
+    method's setup: a run that fails or is interrupted before then leaves nothing behind."""
+    out = Path(cfg.out or f"runs/{method.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ForgetlabError(f"{out}: cannot create the output directory ({parent} is not a writable directory)")
+    return out
 
-    # -- data first: a bad file must fail before anything slow happens or anything is written
+
+@dataclass
+class Data:
+    """The tokenized training inputs and the step counts they give."""
+    train_set: list  # domain examples, with the replayed general ones mixed in (--replay-fraction)
+    general: list  # tokenized --general-data for the method's setup; [] when neither the method nor replay uses it
+    n_domain: int
+    truncated: int
+    truncated_general: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def load_inputs(cfg, method, device) -> tuple:
+    """(model, tokenizer, Data): every input read and checked, before anything slow happens or anything is
+    written. The data files are read first, so that a bad one fails before the model is even loaded."""
+    needs_general = method.needs_general_data or cfg.replay_fraction > 0
     domain_rows = load_dataset(cfg.data)
-    general_rows = load_dataset(cfg.general_data) if method.needs_general_data or cfg.replay_fraction > 0 else []
+    general_rows = load_dataset(cfg.general_data) if needs_general else []
     model, tok = load_pretrained(cfg.model, dtype=torch.float32, device=device)
     domain, n_trunc = tokenize_dataset(tok, domain_rows, cfg.max_len)
     general, n_trunc_general = tokenize_dataset(tok, general_rows, cfg.max_len)
     if not domain:
         raise ForgetlabError(f"{cfg.data}: no example has an answer token left within --max-len {cfg.max_len}")
-    if (method.needs_general_data or cfg.replay_fraction > 0) and not general:
+    if needs_general and not general:
         raise ForgetlabError(f"{cfg.general_data}: no example has an answer token left within --max-len {cfg.max_len}")
     train_set = domain
     if cfg.replay_fraction > 0:
@@ -385,60 +402,23 @@ def main(argv=None):
     print(f"{len(domain)} domain examples ({n_trunc} truncated to {cfg.max_len} tokens), "
           f"{len(train_set) - len(domain)} replay; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}",
           file=sys.stderr)
+    return model, tok, Data(train_set, general, len(domain), n_trunc, n_trunc_general, steps_per_epoch, total_steps,
+                            warmup_steps)
 
-    # -- before: evaluate (resuming: read back what the run measured), then let the method see the untouched model
-    t = time.time()
-    before = read_before(cfg) if cfg.resume else None
-    if before is None:
-        before = run_eval(model, tok, cfg, "before")
-    seconds = dict(load=t - t_start, eval_before=time.time() - t)
-    t = time.time()
-    method.setup(model, tok, cfg, general)
-    method.configure(model)
-    seconds["setup"] = time.time() - t
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
 
-    out = Path(cfg.out or f"runs/{method.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {**dataclasses.asdict(cfg), "device": device, "total_steps": total_steps, "warmup_steps": warmup_steps}
-    write_atomic_text(out / "config.json", json.dumps(resolved, indent=2))  # on --resume: the flags now in force
-    if before is not None:
-        write_atomic_text(out / BEFORE_JSON, json.dumps(dict(eval=cfg.eval, results=before)))
-
-    # -- train
-    model.gradient_checkpointing = cfg.grad_ckpt
-    forward = torch.compile(model) if cfg.compile else model  # hooks keep the raw model (its parameter names)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
+def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progress, out: Path, config: dict):
+    """The training loop: optimizer steps run.step .. data.total_steps - 1, counted in `run`, one line each in
+    metrics.jsonl, a checkpoint every --save-every steps. Returns (seconds, tokens processed) of this process."""
+    device = config["device"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    start, tokens_total, skipped, loss, last_checkpoint = 0, 0, 0, float("nan"), None
-    found = find_latest(out) if cfg.resume else None
-    if found:
-        last_checkpoint, state, tensors = found
-        apply_checkpoint(last_checkpoint, state, tensors, model, optimizer, method)
-        progress = state["progress"]
-        if progress["examples"] != len(train_set):
-            raise ForgetlabError(f"--resume: the training set has {len(train_set)} examples, the checkpoint "
-                                 f"{last_checkpoint} was trained on {progress['examples']} (data changed?)")
-        start, tokens_total, skipped, loss = state["step"], progress["tokens"], progress["skipped"], progress["loss"]
-        if start > total_steps:
-            raise ForgetlabError(f"--resume: {last_checkpoint} is at step {start}, past the {total_steps} steps asked")
-        print(f"resuming from {last_checkpoint} (step {start} of {total_steps})", file=sys.stderr)
-    elif cfg.resume:
-        print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
-    stream = micro_batch_stream(train_set, cfg, tok.pad_id)
-    for _ in range(start):  # the data order is a function of (seed, epoch): skip what was trained on
-        next(stream)
-    resume_metrics(out / "metrics.jsonl", start)
-    if found:
-        restore_rng(state["rng"], tensors)  # last, so that nothing above draws from the restored generators
-    t0, tokens_before = time.time(), tokens_total
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
+    t0, tokens_before = time.time(), run.tokens
     model.train()
-    bar = tqdm(total=total_steps, initial=start, desc=f"train {method.name}", unit="step")
+    bar = tqdm(total=data.total_steps, initial=run.step, desc=f"train {method.name}", unit="step")
     with open(out / "metrics.jsonl", "a") as log, bar:
-        for step in range(start, total_steps):
-            lr = get_lr(step, cfg.lr, warmup_steps, total_steps, cfg.schedule)
+        for step in range(run.step, data.total_steps):
+            lr = get_lr(step, cfg.lr, data.warmup_steps, data.total_steps, cfg.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             epoch, micro = next(stream)
@@ -446,24 +426,17 @@ def main(argv=None):
             extra = method.extra_loss(model, step)
             if extra is not None and extra.requires_grad:  # else the method added its gradient to .grad itself
                 extra.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm, error_if_nonfinite=False))
             cause = nonfinite_cause(loss, extra, grad_norm)
             if cause is None:
                 optimizer.step()
                 method.after_step(model, step)
-            elif skipped < cfg.skip_nonfinite:  # the batch is dropped: no update, the schedule moves on
-                skipped += 1
-                print(f"step {step + 1}: non-finite {cause}: batch skipped ({skipped} of --skip-nonfinite "
-                      f"{cfg.skip_nonfinite})", file=sys.stderr)
             else:
-                raise ForgetlabError(f"step {step + 1}: non-finite {cause}: training stopped; "
-                                     f"{checkpoint_note(last_checkpoint)}; lower --lr, or skip such batches with "
-                                     f"--skip-nonfinite N")
+                skip_or_stop(step, cause, run, cfg)  # drops the batch, or raises past --skip-nonfinite
             optimizer.zero_grad(set_to_none=True)
-            tokens_total += tokens
-            tok_s = (tokens_total - tokens_before) / max(time.time() - t0, 1e-9)
-            record = dict(step=step + 1, epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_total,
+            run.step, run.loss, run.tokens = step + 1, loss, run.tokens + tokens
+            tok_s = (run.tokens - tokens_before) / max(time.time() - t0, 1e-9)
+            record = dict(step=run.step, epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, tokens=run.tokens,
                           tokens_per_second=tok_s, time=time.time() - t0)
             if extra is not None:
                 record["extra_loss"] = float(extra.detach())
@@ -471,33 +444,15 @@ def main(argv=None):
                 record["skipped"] = cause
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
-                if not all(torch.isfinite(p).all() for p in trainable):  # never checkpoint a poisoned model
-                    raise ForgetlabError(f"step {step + 1}: non-finite weights after the update: training stopped; "
-                                         f"{checkpoint_note(last_checkpoint)}; lower --lr")
-                progress = dict(tokens=tokens_total, skipped=skipped, loss=loss, examples=len(train_set),
-                                epoch=epoch, steps_per_epoch=steps_per_epoch)
-                last_checkpoint = save_checkpoint(out, step + 1, model, optimizer, method, progress, resolved)
+            if cfg.save_every and (run.step % cfg.save_every == 0 or run.step == data.total_steps):
+                run.checkpoint = write_checkpoint(out, model, optimizer, method, run, data, epoch, config)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
-    seconds["train"] = train_seconds = time.time() - t0
-    method.finish(model)
-    model.eval()
+    return time.time() - t0, run.tokens - tokens_before
 
-    # -- save, evaluate again, report
-    t = time.time()
-    save_outputs(model, tok, cfg, out)
-    method.save(out)
-    seconds["save"] = time.time() - t
-    t = time.time()
-    after = run_eval(model, tok, cfg, "after")
-    seconds["eval_after"] = time.time() - t
-    summary = dict(method=method.name, steps=total_steps, epochs=total_steps / steps_per_epoch,
-                   examples=len(train_set), replay_examples=len(train_set) - len(domain), truncated=n_trunc,
-                   truncated_general=n_trunc_general, tokens=tokens_total, train_seconds=train_seconds,
-                   tokens_per_second=(tokens_total - tokens_before) / max(train_seconds, 1e-9), final_loss=loss,
-                   trainable_params=n_trainable, total_params=n_total, seconds=seconds,
-                   total_seconds=time.time() - t_start)
+
+def write_results(out: Path, method, before, after, summary: dict) -> dict:
+    """results.json and report.md: the before/after comparison (when evaluated) and the training summary."""
     results = dict(training=summary)
     report = f"# forgetlab: {method.name}\n\n"
     if before is not None:
@@ -510,6 +465,71 @@ def main(argv=None):
     print(report)
     print(f"wrote {out}", file=sys.stderr)
     return results
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, phase: str):
+    """seconds[phase] = the wall time the with-block took."""
+    t = time.time()
+    yield
+    seconds[phase] = time.time() - t
+
+
+def main(argv=None):
+    t_start = time.time()
+    cfg, method = parse_config(argv)  # flags, --method-file, and --resume's run directory, all checked
+    device = resolve_device(cfg.device)
+    out = output_dir(cfg, method)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # -- load: every input is checked here, before the first slow step (the "before" evaluation)
+    model, tok, data = load_inputs(cfg, method, device)
+    method.check(model, cfg)  # the method's own inputs, e.g. EWC's --fisher file against this model
+    seconds = dict(load=time.time() - t_start)
+
+    # -- before: evaluate (resuming: read back what the run measured), then let the method see the untouched model
+    with timed(seconds, "eval_before"):
+        before = read_before(cfg) if cfg.resume else None
+        if before is None:
+            before = run_eval(model, tok, cfg, "before")
+    with timed(seconds, "setup"):
+        method.setup(model, tok, cfg, data.general)
+        method.configure(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**dataclasses.asdict(cfg), "device": device, "total_steps": data.total_steps,
+              "warmup_steps": data.warmup_steps}
+    write_atomic_text(out / "config.json", json.dumps(config, indent=2))  # on --resume: the flags now in force
+    if before is not None:
+        write_atomic_text(out / BEFORE_JSON, json.dumps(dict(eval=cfg.eval, results=before)))
+
+    # -- train (resuming: from the newest checkpoint, whose RNG states resume() restores: nothing may draw after it)
+    model.gradient_checkpointing = cfg.grad_ckpt
+    forward = torch.compile(model) if cfg.compile else model  # hooks keep the raw model (its parameter names)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.split(":")[0])
+    run = Progress()
+    if cfg.resume:
+        run = resume(out, model, optimizer, method, len(data.train_set), data.total_steps, out / "metrics.jsonl")
+    stream = micro_batch_stream(data.train_set, cfg, tok.pad_id, start=run.step)
+    seconds["train"], tokens_now = train(cfg, model, forward, optimizer, method, stream, data, run, out, config)
+    method.finish(model)
+    model.eval()
+
+    # -- save, evaluate again, report
+    with timed(seconds, "save"):
+        save_outputs(model, tok, cfg, out)
+        method.save(out)
+    with timed(seconds, "eval_after"):
+        after = run_eval(model, tok, cfg, "after")
+    summary = dict(method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
+                   examples=len(data.train_set), replay_examples=len(data.train_set) - data.n_domain,
+                   truncated=data.truncated, truncated_general=data.truncated_general, tokens=run.tokens,
+                   train_seconds=seconds["train"], tokens_per_second=tokens_now / max(seconds["train"], 1e-9),
+                   final_loss=run.loss, trainable_params=n_trainable, total_params=n_total, seconds=seconds,
+                   total_seconds=time.time() - t_start)
+    return write_results(out, method, before, after, summary)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from errors import ForgetlabError, read_json_object
+from errors import ForgetlabError, check_names, read_json_object
+from model.checkpoint import read_safetensors, write_atomic_text
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -181,11 +182,7 @@ def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if size != meta["sizes"].get(STATE_TENSORS):
         raise ForgetlabError(f"{tensor_file}: truncated or replaced ({size} bytes, "
                              f"{meta['sizes'].get(STATE_TENSORS)} were written)")
-    try:
-        with safe_open(tensor_file, framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ForgetlabError(f"{tensor_file}: unreadable or truncated safetensors file ({e})") from None
+    tensors, _ = read_safetensors(tensor_file)
     if "rng.torch" not in tensors:
         raise ForgetlabError(f"{tensor_file}: no rng.torch tensor (not a training checkpoint)")
     return meta, tensors
@@ -215,10 +212,7 @@ def apply_checkpoint(path, meta: dict, tensors: dict, model, optimizer, method):
     file = Path(path) / STATE_TENSORS
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k[len("model."):]: t for k, t in tensors.items() if k.startswith("model.")}
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        what = f"no tensor for trainable {missing[0]}" if missing else f"tensor {extra[0]} is not trainable here"
-        raise ForgetlabError(f"{file}: does not fit this run's model: {what} (another method or model?)")
+    check_names(params, saved, f"{file}: does not fit this run's model (another method or model?)", "trainable tensor")
     for n, p in params.items():
         if saved[n].shape != p.shape:
             raise ForgetlabError(f"{file}: {n} has shape {tuple(saved[n].shape)}, the model's is {tuple(p.shape)}")
@@ -237,3 +231,55 @@ def apply_checkpoint(path, meta: dict, tensors: dict, model, optimizer, method):
             p.copy_(saved[n])
     if method_state:
         method.load_state_dict(method_state)
+
+
+# ----------------------------------------------------------------------------- resume
+
+@dataclass
+class Progress:
+    """Where a run is and what it has counted: what a checkpoint restores besides its tensors."""
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # non-pad tokens processed
+    skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
+    loss: float = float("nan")  # the last step's loss
+    checkpoint: Path | None = None  # the newest checkpoint written (or resumed from)
+
+
+def resume(out, model, optimizer, method, examples: int, total_steps: int, metrics: Path) -> Progress:
+    """Continue the run in `out` from its newest readable checkpoint (`find_latest`); Progress() when it has none.
+    Loads the weights, optimizer and method state into the run (after the method's setup and configure, and
+    the optimizer's creation), cuts the `metrics` log back to the checkpoint's step and restores the RNG states:
+    call it right before the loop, since whatever draws a random number after it changes the run."""
+    found = find_latest(out)
+    if found is None:
+        print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
+        trim_metrics(metrics, 0)
+        return Progress()
+    path, meta, tensors = found
+    counters = meta["progress"]
+    if any(k not in counters for k in ("tokens", "skipped", "loss", "examples")):
+        raise ForgetlabError(f"{path / STATE_JSON}: malformed training checkpoint metadata (progress)")
+    if counters["examples"] != examples:
+        raise ForgetlabError(f"--resume: the training set has {examples} examples, the checkpoint "
+                             f"{path} was trained on {counters['examples']} (data changed?)")
+    if meta["step"] > total_steps:
+        raise ForgetlabError(f"--resume: {path} is at step {meta['step']}, past the {total_steps} steps asked")
+    apply_checkpoint(path, meta, tensors, model, optimizer, method)
+    print(f"resuming from {path} (step {meta['step']} of {total_steps})", file=sys.stderr)
+    trim_metrics(metrics, meta["step"])
+    restore_rng(meta["rng"], tensors)  # last: nothing above draws from the restored generators
+    return Progress(meta["step"], counters["tokens"], counters["skipped"], counters["loss"], path)
+
+
+def trim_metrics(path: Path, step: int):
+    """Keep the JSON lines of steps 1..step (a run killed after its checkpoint logged a few more)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a line cut short by the kill: nothing after it is kept
+    write_atomic_text(path, "".join(kept))

@@ -7,13 +7,14 @@ loading never holds two copies of the weights in memory.
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from errors import ForgetlabError, read_json_object
+from errors import ForgetlabError, check_names, read_json_object
 
 from .config import LlamaConfig
 from .llama import Llama
@@ -36,24 +37,35 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise ForgetlabError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_tensor_names(file: Path) -> list[str]:
+@contextmanager
+def open_safetensors(file: Path):
+    """safe_open on CPU; a file that cannot be read (missing, truncated, garbled), at opening or at any
+    get_tensor inside the block, becomes one ForgetlabError naming it. Every safetensors read goes through here."""
     try:
-        with safe_open(file, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as e:
         raise ForgetlabError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(every tensor, the string metadata) of a small safetensors file: an adapter, a Fisher, a training state."""
+    with open_safetensors(file) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def read_tensor_names(file: Path) -> list[str]:
+    with open_safetensors(file) as f:
+        return list(f.keys())
 
 
 def read_tensors(file: Path, names, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
     """Read `names` from one safetensors file, converting each tensor as it is read."""
     out = {}
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in names:
-                t = f.get_tensor(name)
-                out[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ForgetlabError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+    with open_safetensors(file) as f:
+        for name in names:
+            t = f.get_tensor(name)
+            out[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
     return out
 
 
@@ -75,12 +87,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Llama:
     shapes = expected_shapes(model)
     if cfg.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
-    missing = sorted(set(shapes) - set(files))
-    unexpected = sorted(set(files) - set(shapes))
-    if missing:
-        raise ForgetlabError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise ForgetlabError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    check_names(shapes, files, str(path))
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)

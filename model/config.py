@@ -85,3 +85,13 @@ class LlamaConfig:
         d = {k: v for k, v in asdict(self).items() if k not in ("extra", "name_or_path")}
         return {**self.extra, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
                 "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **d}
+
+    def to_transformers(self, **kwargs):
+        """The same config as a `transformers.LlamaConfig`, for the tests and the benchmark, which compare
+        against transformers (imported here only: the model itself never needs it)."""
+        from transformers import LlamaConfig as HFConfig
+
+        d = self.to_hf_dict()
+        for k in ("model_type", "architectures"):
+            d.pop(k)
+        return HFConfig(**d, **kwargs)

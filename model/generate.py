@@ -4,7 +4,33 @@ Prompts are left-padded; the attention mask hides the pads and positions count r
 prompt's continuation does not depend on the other prompts in its batch. Each sequence stops at its own
 stop token (any eos id, or an end-of-turn token like <|im_end|>).
 """
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def eval_mode(model):
+    """No dropout (LoRA's included) and no autograd, restoring the training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids (B, L), attention mask (B, L), 1 = token), right-aligned so that every row's last
+    token sits in the last column: the next token of all rows is predicted from one position."""
+    B, L = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    return ids, mask
 
 
 def sample_next(logits, temperature: float, top_p: float, generator):
@@ -25,12 +51,9 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids,
                  temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[list[int]]:
     """Continue each token list in one batch; returns the new ids of each, without the stop token."""
     device = model.model.embed_tokens.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L + max_new_tokens), dtype=torch.long)  # 1 = real token, over all cache slots
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
+    ids, mask = left_pad(prompts, pad_id)  # (B, L)
+    B, L = ids.shape
+    mask = torch.cat([mask, torch.ones((B, max_new_tokens), dtype=torch.long)], dim=1)  # over every cache slot
     ids, mask = ids.to(device), mask.to(device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     model.setup_kv_cache(B, L + max_new_tokens)
@@ -73,12 +96,10 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, temperatu
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc="generate", unit="batch", leave=False)
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        new = generate_ids(model, [encoded[i] for i in batch], max_new_tokens, tok.stop_ids, tok.pad_id,
-                           temperature, top_p, generator)
-        for i, ids in zip(batch, new):
-            results[i] = tok.decode(ids)
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            new = generate_ids(model, [encoded[i] for i in batch], max_new_tokens, tok.stop_ids, tok.pad_id,
+                               temperature, top_p, generator)
+            for i, ids in zip(batch, new):
+                results[i] = tok.decode(ids)
     return results

@@ -34,8 +34,6 @@ Typical output (seed 0): plain ~76x, freeze 1.0x, lora ~450x, low_lr 1.5x (but B
 
 Deterministic: fixed seeds, full-batch training, no data shuffling.
 """
-import contextlib
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +80,10 @@ def make_task(task: str, n: int, generator: torch.Generator):
 class ToyConfig:
     n_train: int = 256
     n_test: int = 1024
-    epochs_a: int = 300
     lr_a: float = 0.01
-    epochs_b: int = 300  # "aggressive": many epochs ...
-    lr_b: float = 0.01  # ... at a high learning rate (Adam)
+    epochs_a: int = 300
+    lr_b: float = 0.01  # "aggressive": a high learning rate (Adam) ...
+    epochs_b: int = 300  # ... for many epochs
     low_lr: float = 0.001
     low_epochs: int = 30
     lora_r: int = 1
@@ -162,8 +160,7 @@ def run(method: str, cfg: ToyConfig = ToyConfig()) -> Row:
     if method == "freeze":
         model.shared.requires_grad_(False)
     elif method == "lora":
-        with contextlib.redirect_stdout(io.StringIO()):  # keep apply_lora's parameter count out of the table
-            apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_r, dropout=0.0, targets=("shared",))
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_r, dropout=0.0, targets=("shared",))
         model.head_b.requires_grad_(True)  # apply_lora froze everything but the adapter; the new head must learn
     elif method == "low_lr":
         epochs, lr = cfg.low_epochs, cfg.low_lr

@@ -18,22 +18,27 @@ from methods.py when the axis is not given):
 Outputs in DIR:
     sweep.csv   one row per finished run: this grid's, then those that earlier sweeps left in DIR, so grids
                 run one after another into one DIR are tabulated and plotted together
-    sweep.md    mean ± sample std over seeds for each (method, params)
+    sweep.md    for each (method, params): the mean over seeds with its 95% Student-t interval (stats.py;
+                one seed: the mean alone)
     sweep.png   domain gain (x) against forgetting (y), one point per run, the Pareto front drawn
                 (needs matplotlib, an optional dependency: without it the png is skipped with a note)
     logs/       each run's console output
 
-Columns, all read from the run's results.json ("before"/"after" = evaluation before/after fine-tuning):
-    domain_acc        after: held-out domain questions answered correctly (whole-word match)
-    domain_nll        after: NLL of the held-out domain reference answers, nats/token
-    general_qa_acc    after: general QA accuracy
+Columns, all read from the run's results.json ("before"/"after" = evaluation before/after fine-tuning, on the
+test split of each evaluation set; see eval.py):
+    recall_acc        after: trained drugs' facts asked in new words, strict-match accuracy (domain_recall)
+    recall_nll        after: NLL of their reference answers, nats/token
+    unseen_acc        after: the same for drugs never trained on (domain_unseen): generalization
+    unseen_nll        after: NLL of the unseen drugs' reference answers
+    general_qa_acc    after: general QA accuracy (chat, strict matching)
     general_nll       after: NLL of held-out general prose, nats/token
-    checklist_score   after: severity-weighted instruction checklist score (only with --eval full)
+    instructions      after: instruction-following pass rate (only with --eval full)
+    hellaswag, arc_easy, lambada   after: benchmark accuracy (acc_norm for hellaswag; only with --eval full)
     tokens            non-pad tokens processed in training
     wall_s            wall time of the whole train.py process (evaluations included)
-    peak_mem_mb       peak memory of the run: train.py's own figure when it reports one (training.peak_mem_mb),
-                      else the train.py process's peak resident set size (CPU memory)
-    domain_gain       domain_nll before − after: what the run learnt, in nats/token (higher = learnt more)
+    peak_mem_mb       peak resident set size of the train.py process (CPU memory), from the kernel's accounting
+    recall_gain       recall_nll before − after: what the run learnt, in nats/token (higher = learnt more)
+    unseen_gain       unseen_nll before − after: what of it carries to unseen drugs
     forgetting        general_nll after − before: what it forgot, in nats/token (higher = forgot more)
     qa_drop           general_qa_acc before − after
 The NLLs are the primary axes: they move smoothly with the weights, while accuracies over a few dozen
@@ -44,7 +49,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -65,17 +69,21 @@ AXES = {
     "ewc_lambda": ("--ewc-lambda", "lambda", ("ewc",)),
     "replay_fraction": ("--replay-fraction", "replay", ("replay",)),
 }
-COLUMNS = ["method", "params", "seed", "domain_acc", "domain_nll", "general_qa_acc", "general_nll",
-           "checklist_score", "tokens", "wall_s", "peak_mem_mb", "domain_gain", "forgetting", "qa_drop", "run"]
-METRICS = COLUMNS[3:14]  # the numeric columns, averaged over seeds in sweep.md
-DECIMALS = dict(domain_acc=3, general_qa_acc=3, checklist_score=3, qa_drop=3, domain_nll=4, general_nll=4,
-                domain_gain=4, forgetting=4, tokens=0, wall_s=0, peak_mem_mb=0)  # in sweep.md
+# column -> (stage, eval task, metric) read from results.json
+READ = dict(recall_acc=("after", "domain_recall", "accuracy"), recall_nll=("after", "domain_recall", "nll"),
+            unseen_acc=("after", "domain_unseen", "accuracy"), unseen_nll=("after", "domain_unseen", "nll"),
+            general_qa_acc=("after", "general_qa", "accuracy"), general_nll=("after", "ppl", "nll"),
+            instructions=("after", "instructions", "pass_rate"), hellaswag=("after", "hellaswag", "acc_norm"),
+            arc_easy=("after", "arc_easy", "acc"), lambada=("after", "lambada", "acc"))
+COLUMNS = ["method", "params", "seed", *READ, "tokens", "wall_s", "peak_mem_mb", "recall_gain", "unseen_gain",
+           "forgetting", "qa_drop", "run"]
+METRICS = COLUMNS[3:-1]  # the numeric columns, averaged over seeds in sweep.md
+DECIMALS = {**{k: 4 if k.endswith("nll") else 3 for k in READ}, "tokens": 0, "wall_s": 0, "peak_mem_mb": 0,
+            "recall_gain": 4, "unseen_gain": 4, "forgetting": 4, "qa_drop": 3}  # in sweep.md
 RESERVED = ("--out", "--method", "--seed")  # set by the sweep itself for each run (and --model with --quick)
 # --quick: train.py flags for a tiny random model (4 optimizer steps, quick evaluation)
 QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4", "--fisher-samples", "8",
                      "--max-len", "128"]
-QUICK_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -134,22 +142,14 @@ def expand_grid(methods: list[str], seeds: list[int], axes: dict[str, list[str]]
 # ----------------------------------------------------------------------------- running
 
 def quick_model(out: Path) -> Path:
-    """A tiny random Llama with SmolLM2's config shrunk and its tokenizer, in out/tiny-model (made once)."""
-    import torch
-
-    from model import Llama, LlamaConfig, save_pretrained
+    """A tiny random Llama with SmolLM2's tokenizer (model.tiny), in out/tiny-model (made once)."""
     from model.convert_gguf import prepare_default_model
+    from model.tiny import save_tiny_model
 
     path = out / "tiny-model"
     if all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
         return path
-
-    src = prepare_default_model()
-    config = {**json.loads((src / "config.json").read_text()), **QUICK_MODEL}
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_hf_dict(config))
-    model.init_weights()
-    return save_pretrained(model, path, copy_tokenizer_from=src)
+    return save_tiny_model(path, like=prepare_default_model())
 
 
 def peak_rss_mb(rusage) -> float:
@@ -250,15 +250,11 @@ def collect_row(run: Run, run_dir: Path) -> dict:
     training = results.get("training", {})
     record = json.loads((run_dir / "sweep.json").read_text()) if (run_dir / "sweep.json").is_file() else {}
     row = dict(method=run.method, params=run.params_label, seed=run.seed, run=run.name,
-               domain_acc=metric(results, "after", "domain", "accuracy"),
-               domain_nll=metric(results, "after", "domain", "nll"),
-               general_qa_acc=metric(results, "after", "general_qa", "accuracy"),
-               general_nll=metric(results, "after", "ppl", "nll"),
-               checklist_score=metric(results, "after", "checklist", "score"),
-               tokens=training.get("tokens"),
-               wall_s=record.get("wall_s", training.get("total_seconds")),
-               peak_mem_mb=training.get("peak_mem_mb", record.get("peak_rss_mb")))
-    row["domain_gain"] = diff(metric(results, "before", "domain", "nll"), row["domain_nll"])
+               **{column: metric(results, *where) for column, where in READ.items()},
+               tokens=training.get("tokens"), wall_s=record.get("wall_s", training.get("total_seconds")),
+               peak_mem_mb=record.get("peak_rss_mb"))
+    row["recall_gain"] = diff(metric(results, "before", "domain_recall", "nll"), row["recall_nll"])
+    row["unseen_gain"] = diff(metric(results, "before", "domain_unseen", "nll"), row["unseen_nll"])
     row["forgetting"] = diff(row["general_nll"], metric(results, "before", "ppl", "nll"))
     row["qa_drop"] = diff(metric(results, "before", "general_qa", "accuracy"), row["general_qa_acc"])
     return row
@@ -273,19 +269,11 @@ def write_csv(rows: list[dict], path: Path):
     path.write_text(buf.getvalue())
 
 
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n − 1) of the values present; std None for fewer than two."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None, None
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def summary_table(rows: list[dict]) -> str:
-    """Markdown: one line per (method, params), each metric as mean ± std over its seeds."""
+    """Markdown: one line per (method, params), each metric as the mean over its seeds with the 95% Student-t
+    interval of that mean (stats.mean_interval), "mean [lo, hi]"; a single seed gives the mean alone."""
+    import stats
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["params"]), []).append(r)
@@ -294,9 +282,8 @@ def summary_table(rows: list[dict]) -> str:
     for (method, params), rs in groups.items():
         cells = []
         for k in METRICS:
-            m, s = mean_std([r[k] for r in rs])
-            d = DECIMALS[k]
-            cells.append("" if m is None else f"{m:.{d}f}" + ("" if s is None else f" ± {s:.{d}f}"))
+            xs = [r[k] for r in rs if r[k] is not None]
+            cells.append(stats.format_interval(*stats.mean_interval(xs), digits=DECIMALS[k]) if xs else "")
         lines.append(f"| {method} | {params or '(preset)'} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -318,19 +305,19 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         print("note: matplotlib is not installed, so sweep.png is skipped (pip install matplotlib)", file=sys.stderr)
         return False
-    pts = [r for r in rows if r["domain_gain"] is not None and r["forgetting"] is not None]
+    pts = [r for r in rows if r["recall_gain"] is not None and r["forgetting"] is not None]
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     labels = sorted({(r["method"], r["params"]) for r in pts})
     markers = "osD^v<>ph*"
     for i, (method, params) in enumerate(labels):
         group = [r for r in pts if (r["method"], r["params"]) == (method, params)]
-        ax.scatter([r["domain_gain"] for r in group], [r["forgetting"] for r in group], marker=markers[i % 10],
+        ax.scatter([r["recall_gain"] for r in group], [r["forgetting"] for r in group], marker=markers[i % 10],
                    s=36, label=f"{method} {params}".strip())
-    front = pareto_front([(r["domain_gain"], r["forgetting"]) for r in pts])
+    front = pareto_front([(r["recall_gain"], r["forgetting"]) for r in pts])
     if front:
         ax.plot(*zip(*front), "k--", lw=1, marker="o", ms=11, mfc="none", label="Pareto front")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("domain gain: held-out domain NLL drop (nats/token)  →  learns more")
+    ax.set_xlabel("domain gain: recall-set NLL drop (nats/token)  →  learns more")
     ax.set_ylabel("forgetting: general-text NLL rise (nats/token)  →  forgets more")
     ax.set_title("Learning vs forgetting, one point per run")
     ax.legend(fontsize=7, loc="best")
@@ -393,7 +380,7 @@ def main(argv=None):
     rows = [collect_row(r, d) for r, d in finished if (d / "results.json").is_file()]
     write_csv(rows, out / "sweep.csv")
     table = summary_table(rows)
-    (out / "sweep.md").write_text(f"# Sweep: {len(rows)} runs\n\nmean ± sample std over seeds; column "
+    (out / "sweep.md").write_text(f"# Sweep: {len(rows)} runs\n\nmean over seeds [95% t interval]; column "
                                   f"definitions in scripts/sweep.py.\n\n{table}\n")
     plotted = plot(rows, out / "sweep.png")
     print(table)

@@ -21,12 +21,9 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smollm_dir):
     """A tiny random Llama with SmolLM2's vocabulary and tokenizer files: train.py runs on it in seconds."""
-    from model import save_pretrained
-    from tests.tiny import tiny_llama
+    from model.tiny import save_tiny_model
 
-    model = tiny_llama(vocab_size=49152, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
-    return str(save_pretrained(model, tmp_path_factory.mktemp("tiny"), copy_tokenizer_from=smollm_dir))
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), like=smollm_dir))
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def files(tmp_path_factory):
     (d / "garbage.jsonl").write_bytes(b'{"prompt": "\xff"}\n')
     (d / "nonempty").mkdir()
     (d / "nonempty" / "keep.txt").write_text("x")
-    (d / "results.json").write_text(json.dumps({"results": {"general_qa": {"accuracy": 0.5}}}))
+    (d / "results.json").write_text(json.dumps({"results": {"general_qa": {
+        "accuracy": 0.5, "accuracy_ci": [0.1, 0.9], "items": [{"id": "a", "correct": True}, {"id": "b", "correct": False}]}}}))
     (d / "truncated.json").write_text('{"results": {"general_qa": {"accu')
     other = apply_lora(tiny_llama(), r=2, alpha=4, targets=("q_proj",))  # hidden 64: the tiny_dir model has 32
     save_adapter(other, d / "adapter_other_model")
@@ -68,6 +69,7 @@ TRAIN_CASES = [  # (argv change, message)
     (["--data", "{d}/garbage.jsonl"], "garbage.jsonl:1: not valid UTF-8"),
     (["--model", "{d}/missing_model"], "missing_model: model directory not found"),
     (["--out", "{d}/nonempty"], "nonempty: output directory already exists and is not empty"),
+    (["--out", "{d}/results.json/run"], "run: cannot create the output directory"),
     (["--lora-targets", "no_proj", "--method", "lora"], "LoRA target module 'no_proj' not found"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--skip-nonfinite", "-2"], "--skip-nonfinite must be >= 0"),
@@ -88,6 +90,31 @@ def test_train_user_errors_are_one_line(tiny_dir, tiny_data, files, tmp_path, ca
         argv += change[-1:]
     assert message in one_line_error(train.main, argv, capsys)
     assert not (tmp_path / "out").exists()  # a user error writes nothing
+
+
+@pytest.mark.parametrize("fisher", ["not_safetensors", "other_model"])
+def test_a_bad_fisher_file_fails_before_the_before_evaluation(tiny_dir, tiny_data, tmp_path, capsys, fisher):  # noqa: F811
+    """--fisher is read and checked against the model before anything slow: a file that cannot serve fails in
+    seconds, not after the "before" evaluation (minutes with --eval full)."""
+    from ewc import EWC
+
+    path = tmp_path / f"{fisher}.safetensors"
+    if fisher == "not_safetensors":
+        path.write_text("not a safetensors file\n")
+    else:  # a real EWC file, of the hidden-64 tiny model: the tiny_dir model's tensors have other shapes
+        other = tiny_llama()
+        EWC(other, {n: torch.ones_like(p) for n, p in other.named_parameters()}, lam=1.0).save(path)
+    argv = tiny_args(tiny_dir, tiny_data, tmp_path / "out", "--method", "ewc", "--fisher", str(path),
+                     "--eval", "quick")
+    t = time.time()
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err, err
+    assert str(path) in err.rstrip("\n").split("\n")[-1]
+    assert "evaluating" not in err and "train ewc" not in err, err  # no evaluation, no Fisher estimate, no step
+    assert not (tmp_path / "out").exists()  # nothing written: no before.json, no config.json
+    assert time.time() - t < 30
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from errors import ForgetlabError
-from lora import (LoRALinear, apply_lora, lora_disabled, lora_modules, lora_state_dict, load_adapter,
-                  merge_lora, save_adapter)
+from lora import (LoRALinear, apply_lora, count_params, lora_disabled, lora_modules, lora_state_dict,
+                  load_adapter, merge_lora, save_adapter)
 from model import load_model, save_pretrained
 from tests.tiny import hf_twin, tiny_llama
 
@@ -55,13 +55,14 @@ def test_all_linear_adapts_every_decoder_linear_but_not_lm_head():
     assert not isinstance(model.lm_head, LoRALinear)
 
 
-def test_apply_lora_prints_trainable_count_and_freezes_all_else(capsys):
+def test_apply_lora_trains_only_the_adapter_and_prints_nothing(capsys):
     model = tiny_llama(tie_word_embeddings=True)
     total = sum(p.numel() for p in model.parameters())
     apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"))
     # q: 64 -> 64, v: 64 -> 2 kv heads x 16 = 32; 2 layers
     n = 2 * 4 * ((64 + 64) + (64 + 32))
-    assert capsys.readouterr().out.strip() == f"trainable: {n:,} / {total + n:,} params ({100 * n / (total + n):.2f}%)"
+    assert count_params(model) == (n, total + n)
+    assert capsys.readouterr().out == ""
     for name, p in model.named_parameters():
         assert p.requires_grad == (".lora_A." in name or ".lora_B." in name), name
     assert not model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
@@ -139,57 +140,40 @@ def test_only_lora_parameters_receive_gradients():
             assert p.grad is None, name
 
 
-def test_merged_forward_equals_unmerged_and_unmerge_restores_weights():
+def test_merge_lora_gives_a_plain_copy_with_hf_names_that_saves_and_reloads(tmp_path):
     model = tiny_llama(std=0.1)  # logits of order 1, so 1e-5 is float32 rounding, not slack
-    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    names = set(model.state_dict())
     apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
     train_steps(model)
+    adapted_state = {k: v.clone() for k, v in model.state_dict().items()}
     x = ids()
     with torch.no_grad():
-        unmerged = model(x)
-        for m in lora_modules(model).values():
-            m.merge()
-            m.merge()  # idempotent: the delta is not added twice
-        merged = model(x)
-        with pytest.raises(RuntimeError, match="merged"):
-            with lora_disabled(model):
-                pass
-        assert (merged - unmerged).abs().max() <= 1e-5
-        for m in lora_modules(model).values():
-            m.unmerge()
-        assert (model(x) - unmerged).abs().max() <= 1e-5
-    for k, v in w0.items():  # back to W0 up to one float32 rounding per element
-        assert torch.allclose(model.state_dict()[k], v, rtol=2**-23, atol=1e-7), k
+        adapted = model(x)
+    merged = merge_lora(model)
+    assert set(merged.state_dict()) == names
+    assert not lora_modules(merged)
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
+    assert all(p.requires_grad for p in merged.parameters())
+    with torch.no_grad():
+        assert (merged(x) - adapted).abs().max() <= 1e-5
+        save_pretrained(merged, tmp_path)
+        assert (load_model(tmp_path)(x) - adapted).abs().max() <= 1e-5
+    # the adapted model is untouched: same tensors, still adapted
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in adapted_state.items())
+    assert len(lora_modules(model)) == 14
 
 
-def test_merge_computes_delta_in_float32_for_bf16_weights():
+def test_merged_weight_is_rounded_once_from_a_float32_sum_for_bf16_weights():
     torch.manual_seed(0)
     base = torch.nn.Linear(32, 32, bias=False).to(torch.bfloat16)
     w0 = base.weight.detach().clone()
     layer = LoRALinear(base, r=4, alpha=8)
     torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
     delta = 2.0 * layer.lora_B.weight.detach().double() @ layer.lora_A.weight.detach().double()
-    layer.merge()
-    assert layer.weight.dtype == torch.bfloat16
-    assert torch.equal(layer.weight, (w0.double() + delta).to(torch.bfloat16))
-
-
-def test_merge_lora_gives_plain_model_with_hf_names_that_saves_and_reloads(tmp_path):
-    model = tiny_llama(std=0.1)
-    names = set(model.state_dict())
-    apply_lora(model, r=4, alpha=8, targets="all-linear")
-    randomize_b(model)
-    x = ids()
-    with torch.no_grad():
-        adapted = model(x)
-    merge_lora(model)
-    assert set(model.state_dict()) == names
-    assert not lora_modules(model)
-    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
-    assert all(p.requires_grad for p in model.parameters())
-    save_pretrained(model, tmp_path)
-    with torch.no_grad():
-        assert (load_model(tmp_path)(x) - adapted).abs().max() <= 1e-5
+    merged = layer.merged_weight()
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, (w0.double() + delta).to(torch.bfloat16))
+    assert torch.equal(layer.weight, w0)
 
 
 def test_bf16_autocast_forward_backward_trains_float32_adapter():
@@ -374,16 +358,14 @@ def test_apply_lora_twice_or_with_unknown_target_is_an_error():
 # ---- the real SmolLM2-135M-Instruct ----
 
 @pytest.mark.real_model
-def test_smollm2_qv_r16_trainable_count_and_identity_at_init(smollm_dir, capsys):
+def test_smollm2_qv_r16_trainable_count_and_identity_at_init(smollm_dir):
     model = load_model(smollm_dir)
     total = sum(p.numel() for p in model.parameters())
     x = torch.tensor([[1, 504, 3287, 314, 253, 1345, 30]])
     with torch.no_grad():
         base = model(x)
-        capsys.readouterr()
         apply_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))
         # 30 layers; q: 576 -> 576, v: 576 -> 3 kv heads x 64 = 192
         n = 30 * (16 * (576 + 576) + 16 * (576 + 192))
-        assert n == 921_600
-        assert capsys.readouterr().out.strip() == f"trainable: 921,600 / {total + n:,} params ({100 * n / (total + n):.2f}%)"
+        assert count_params(model) == (921_600, total + n) and n == 921_600
         assert torch.equal(model(x), base)

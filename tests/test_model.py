@@ -83,7 +83,7 @@ def test_loss_gradients_match_transformers_in_every_parameter(tied):
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_fused_linear_cross_entropy_equals_cross_entropy_of_the_logits(recompute, frozen_head):
-    from model.llama import LinearCrossEntropy
+    from model.loss import LinearCrossEntropy
 
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
@@ -95,6 +95,32 @@ def test_fused_linear_cross_entropy_equals_cross_entropy_of_the_logits(recompute
     torch.testing.assert_close(ours, ref)
     for a, b in zip(torch.autograd.grad(ours * 1.7, inputs), torch.autograd.grad(ref * 1.7, inputs)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_loss_equals_the_reference_path_in_value_and_gradients(tied):
+    ids = torch.randint(0, 101, (3, 20))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1, 15:] = -100
+    grads = []
+    for fused in (True, False):
+        model = tiny_llama(std=0.3, tie_word_embeddings=tied).train()
+        model.fused_loss = fused
+        loss = model(ids, labels=labels)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (fused_loss, fused_grads), (ref_loss, ref_grads) = grads
+    torch.testing.assert_close(fused_loss, ref_loss)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_hidden_is_what_lm_head_reads():
+    model = tiny_llama(std=0.3)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model.hidden(ids)), model(ids), rtol=0, atol=0)
 
 
 def test_loss_is_differentiable_and_zero_without_labels():
@@ -145,3 +171,22 @@ def test_sampling_is_deterministic_with_a_seed():
                          generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_left_pad_right_aligns_the_rows_and_masks_the_pads():
+    from model import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_eval_mode_turns_off_dropout_and_autograd_and_restores_training_after_an_error():
+    from model import eval_mode
+
+    model = tiny_llama().train()
+    with pytest.raises(KeyError):
+        with eval_mode(model):
+            assert not model.training and not torch.is_grad_enabled()
+            raise KeyError
+    assert model.training and torch.is_grad_enabled()

@@ -1,6 +1,7 @@
 """Reliability: loaders that only ever raise ForgetlabError, corrupted files named in clear errors, atomic
 writes, training checkpoints that resume bit for bit after SIGKILL, and the non-finite guard."""
 import json
+import re
 import math
 import os
 import signal
@@ -60,9 +61,11 @@ LOADERS = {
     "data.load_jsonl": data.load_jsonl,
     "data.load_dataset": data.load_dataset,
     "eval.load_task_rows(general_qa)": lambda p: ev.load_task_rows("general_qa", p, limit=2),
-    "eval.load_task_rows(mc)": lambda p: ev.load_task_rows("mc", p),
+    "eval.load_task_rows(hellaswag)": lambda p: ev.load_task_rows("hellaswag", p, split="test"),
+    "eval.load_task_rows(mmlu)": lambda p: ev.load_task_rows("mmlu", p),
     "eval.load_task_rows(ppl)": lambda p: ev.load_task_rows("ppl", p),
-    "eval.load_task_rows(domain)": lambda p: ev.load_task_rows("domain", p),
+    "eval.load_task_rows(domain_recall)": lambda p: ev.load_task_rows("domain_recall", p),
+    "eval.load_task_rows(instructions)": lambda p: ev.load_task_rows("instructions", p),
     "eval.read_results": ev.read_results,
 }
 
@@ -194,7 +197,7 @@ def adapter_dir(tmp_path):
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_adapter_is_an_error_naming_it_and_loads_nothing(adapter_dir, damage):
     DAMAGE[damage](adapter_dir / "adapter_model.safetensors")
-    with pytest.raises(ForgetlabError, match="adapter_model.safetensors: unreadable safetensors file"):
+    with pytest.raises(ForgetlabError, match="adapter_model.safetensors: unreadable or truncated"):
         load_adapter(tiny_llama(), adapter_dir)
 
 
@@ -227,19 +230,29 @@ def test_a_damaged_fisher_file_is_an_error_naming_it(tmp_path, damage):
         EWC.load(path, model, lam=1.0)
 
 
+GOOD_QA = {"accuracy": 0.5, "accuracy_ci": [0.1, 0.9], "items": [{"id": "a", "correct": True},
+                                                                  {"id": "b", "correct": False}]}
+
+
 @pytest.mark.parametrize("content, message", [
     (b'{"results": {"general_qa": {"accuracy": 0.5', ":1: not valid JSON"),
     (b'{"results": {"general_qa": 3}}', "results.general_qa is not an object"),
-    (b'{"results": {"general_qa": {"accuracy": "high"}}}', "results.general_qa.accuracy is not a number"),
-    (b'{"results": {"ppl": {"nll": [1]}}}', "results.ppl.nll is not a number"),
-    (b'{"results": {"x": {"category_accuracy": [1]}}}', "category_accuracy is not an object of numbers"),
+    (b'{"results": {"general_qa": {"accuracy": 0.5}}}', "results.general_qa.items is not a list"),
+    (json.dumps({"results": {"general_qa": {**GOOD_QA, "accuracy": "high"}}}).encode(),
+     "results.general_qa.accuracy is not a number"),
+    (json.dumps({"results": {"general_qa": {**GOOD_QA, "accuracy_ci": [0.1]}}}).encode(),
+     "results.general_qa.accuracy is not a number with a [lo, hi] interval"),
+    (json.dumps({"results": {"general_qa": {**GOOD_QA, "items": [{"id": "a"}, {"id": "b"}]}}}).encode(),
+     "results.general_qa.items lack the number 'correct'"),
+    (json.dumps({"results": {"ppl": {"nll": 1.0, "nll_ci": [1, 2], "items": [{"id": "a", "nll": 1.0}]}}}).encode(),
+     "results.ppl.items lack the weight 'tokens'"),
     (b'\xff\xfe{}', "unreadable results file"),
 ])
 def test_a_damaged_results_file_is_an_error_naming_it(tmp_path, content, message):
     bad, good = tmp_path / "bad.json", tmp_path / "good.json"
     bad.write_bytes(content)
-    good.write_text(json.dumps({"results": {"general_qa": {"accuracy": 0.5}}}))
-    with pytest.raises(ForgetlabError, match=message) as e:
+    good.write_text(json.dumps({"results": {"general_qa": GOOD_QA}}))
+    with pytest.raises(ForgetlabError, match=re.escape(message)) as e:
         ev.main(["--compare", str(good), str(bad)])
     assert str(bad) in str(e.value)
 
@@ -409,6 +422,27 @@ def test_resume_reads_the_before_evaluation_back_instead_of_redoing_it(tiny_dir,
     (out / "before.json").write_text(json.dumps(saved))
     train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "2", *flags, "--resume"))
     assert json.loads((out / "results.json").read_text())["before"]["ppl"]["nll"] == 123.0
+
+
+def test_resume_without_a_checkpoint_starts_over_with_one_metrics_line_per_step(tiny_dir, tiny_data, tmp_path,
+                                                                               capsys):  # noqa: F811
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "2"))  # no --save-every: no checkpoint
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "2", "--resume"))
+    assert f"--resume: no checkpoint in {out}: starting from step 0" in capsys.readouterr().err
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_resume_refuses_a_checkpoint_of_another_training_set(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text(Path(tiny_data[0]).read_text())
+    out, data = tmp_path / "run", (str(domain), tiny_data[1])
+    train.main(tiny_args(tiny_dir, data, out, "--max-steps", "1", "--save-every", "1"))
+    domain.write_text("".join(Path(tiny_data[0]).read_text().splitlines(keepends=True)[:-4]))
+    with pytest.raises(ForgetlabError, match=r"the training set has 20 examples, the checkpoint .*step-1 was trained "
+                                             r"on 24 \(data changed\?\)"):
+        train.main(tiny_args(tiny_dir, data, out, "--max-steps", "2", "--save-every", "1", "--resume"))
+    assert [s for s, _ in train_state.step_dirs(out)] == [1] and [m["step"] for m in read_metrics(out)] == [1]
 
 
 def test_resume_refuses_changed_flags_and_a_missing_run(tiny_dir, tiny_data, tmp_path):  # noqa: F811

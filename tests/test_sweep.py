@@ -34,9 +34,10 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 def fake_results(gain: float, forgetting: float) -> dict:
-    before = dict(domain=dict(accuracy=0.1, nll=2.0), ppl=dict(nll=3.0), general_qa=dict(accuracy=0.5))
-    after = dict(domain=dict(accuracy=0.3, nll=2.0 - gain), ppl=dict(nll=3.0 + forgetting),
-                 general_qa=dict(accuracy=0.4), checklist=dict(score=0.75))
+    before = dict(domain_recall=dict(accuracy=0.1, nll=2.0), domain_unseen=dict(accuracy=0.1, nll=2.5),
+                  ppl=dict(nll=3.0), general_qa=dict(accuracy=0.5))
+    after = dict(domain_recall=dict(accuracy=0.3, nll=2.0 - gain), domain_unseen=dict(accuracy=0.1, nll=2.4),
+                 ppl=dict(nll=3.0 + forgetting), general_qa=dict(accuracy=0.4), instructions=dict(pass_rate=0.75))
     return dict(training=dict(tokens=1000, total_seconds=60.0), before=before, after=after)
 
 
@@ -51,7 +52,7 @@ def refuse_to_train(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
 
-def test_finished_runs_are_skipped_and_summarised_as_mean_and_std_over_seeds(tmp_path, monkeypatch, capsys):
+def test_finished_runs_are_skipped_and_summarised_as_mean_and_interval_over_seeds(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep, "run_train", refuse_to_train)
     for seed, (gain, forgetting) in enumerate([(0.4, 0.10), (0.6, 0.30)]):
         write_run(tmp_path, f"full-seed{seed}", fake_results(gain, forgetting),
@@ -64,7 +65,8 @@ def test_finished_runs_are_skipped_and_summarised_as_mean_and_std_over_seeds(tmp
     assert list(rows[0]) == sweep.COLUMNS
     assert [(r["method"], r["params"], r["seed"]) for r in rows] == [
         ("full", "", "0"), ("full", "", "1"), ("ewc", "lambda=100", "0"), ("ewc", "lambda=100", "1")]
-    assert float(rows[1]["domain_gain"]) == pytest.approx(0.6)
+    assert float(rows[1]["recall_gain"]) == pytest.approx(0.6)
+    assert float(rows[1]["unseen_gain"]) == pytest.approx(0.1)
     assert float(rows[1]["forgetting"]) == pytest.approx(0.3)
     assert float(rows[0]["qa_drop"]) == pytest.approx(0.1)
     assert rows[0]["wall_s"] == "70" and rows[0]["peak_mem_mb"] == "512"  # from sweep.json
@@ -77,8 +79,9 @@ def test_finished_runs_are_skipped_and_summarised_as_mean_and_std_over_seeds(tmp
     assert header == ["method", "params", "seeds", *sweep.METRICS]
     col = dict(zip(header, cells))
     assert col["seeds"] == "2"
-    assert col["domain_gain"] == "0.5000 ± 0.1414"  # mean 0.5, sample std 0.2/sqrt(2)
-    assert col["checklist_score"] == "0.750 ± 0.000"
+    # mean 0.5, sample std 0.2/sqrt(2), t(0.975, 1 df) = 12.706: 0.5 ± 12.706 * 0.1414 / sqrt(2) = 0.5 ± 1.2706
+    assert col["recall_gain"] == "0.5000 [-0.7706, 1.7706]"
+    assert col["instructions"] == "0.750 [0.750, 0.750]"
     assert "| ewc | lambda=100 | 2 |" in md
     assert (tmp_path / "sweep.png").is_file() == HAVE_MATPLOTLIB
     if not HAVE_MATPLOTLIB:
@@ -137,8 +140,8 @@ def test_quick_sweep_trains_tiny_models_and_writes_the_three_files(tmp_path, smo
     assert list(rows[0]) == sweep.COLUMNS
     assert [r["method"] for r in rows] == ["ewc"]
     for r in rows:
-        for k in ("domain_acc", "domain_nll", "general_qa_acc", "general_nll", "tokens", "wall_s", "peak_mem_mb",
-                  "domain_gain", "forgetting"):
+        for k in ("recall_acc", "recall_nll", "unseen_acc", "unseen_nll", "general_qa_acc", "general_nll", "tokens",
+                  "wall_s", "peak_mem_mb", "recall_gain", "unseen_gain", "forgetting"):
             assert r[k] != "", (k, r)
         assert float(r["general_nll"]) > 5  # a random model over a 49k vocabulary: close to ln(49152) = 10.8
         assert int(r["tokens"]) > 0 and float(r["peak_mem_mb"]) > 50

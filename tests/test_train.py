@@ -160,13 +160,18 @@ def test_full_fine_tune_saves_weights_that_reload_and_differ_from_the_start(tiny
 
 
 def test_quick_eval_writes_before_after_and_comparison(tiny_dir, tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(train.EVAL_LEVELS, "quick", {"general_qa": 2, "ppl": 2, "domain": 2})
+    import eval as ev
+
+    monkeypatch.setitem(ev.LEVELS, "quick", {"general_qa": 2, "ppl": 2, "domain_recall": 2})
     out = tmp_path / "run"
     argv = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1")
     argv[argv.index("--eval") + 1] = "quick"
     results = train.main(argv)
     assert set(results) == {"training", "before", "after", "comparison"}
-    assert "accuracy_drop" in results["comparison"]
+    rows = results["comparison"]["metrics"]
+    assert {(r["task"], r["metric"]) for r in rows} == {("general_qa", "accuracy"), ("ppl", "nll"),
+                                                         ("domain_recall", "accuracy"), ("domain_recall", "nll")}
+    assert all(r["verdict"] in ("forgot", "no detectable change", "improved") for r in rows)
     assert "Forgetting report" in (out / "report.md").read_text()
 
 

@@ -2,9 +2,8 @@
 import json
 from pathlib import Path
 
-import torch
-
-from model import Llama, LlamaConfig
+from model import Llama
+from model.tiny import random_llama
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
@@ -19,21 +18,14 @@ def tiny_config_dict(**overrides) -> dict:
 
 
 def tiny_llama(seed: int = 0, std: float = 0.02, **overrides) -> Llama:
-    torch.manual_seed(seed)
-    model = Llama(LlamaConfig.from_hf_dict(tiny_config_dict(**overrides)))
-    model.init_weights(std=std)
-    return model.eval()
+    return random_llama(tiny_config_dict(**overrides), seed, std)
 
 
 def hf_twin(model: Llama):
     """The same weights in transformers.LlamaForCausalLM (test-only oracle)."""
-    from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    d = model.config.to_hf_dict()
-    for k in ("model_type", "architectures"):
-        d.pop(k)
-    hf = LlamaForCausalLM(HFConfig(**d)).eval()
+    hf = LlamaForCausalLM(model.config.to_transformers()).eval()
     result = hf.load_state_dict(model.state_dict(), strict=False)
     assert not result.unexpected_keys and not result.missing_keys, result
     return hf
