@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -96,7 +97,8 @@ def fisher_reference(model, batches, max_examples: int | None = None) -> dict[st
 
 
 def estimate_fisher(model, batches, estimator: str = "empirical", max_examples: int | None = None,
-                    normalize: str = "mean", progress: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+                    normalize: str = "mean", progress: bool = False, seed: int = 0,
+                    all_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the trainable parameters (requires_grad=True), keyed by parameter name, float32
     (float64 for a float64 model).
 
@@ -105,7 +107,14 @@ def estimate_fisher(model, batches, estimator: str = "empirical", max_examples: 
     a pad position's label is ignored and its gradient is zero, and each example's gradient is its own.
     Examples with no labelled token are skipped. `max_examples` stops after that many examples.
     `normalize`: "mean" (default), "max" or "none", see the module docstring. `seed` drives the label
-    sampling of estimator="true". The model runs in eval mode (no dropout) and is restored afterwards."""
+    sampling of estimator="true". The model runs in eval mode (no dropout) and is restored afterwards.
+
+    all_ranks=True (torch.distributed, see distributed.py): `batches` are this rank's share of the examples and
+    the result is the Fisher of all ranks' examples together, the same on every rank: each rank sums its own
+    per-example squares (the hook path, which never touches p.grad, so no gradient is synchronized), then the
+    sums and the example count are all-reduced as a SUM, and divided. Call it on the plain model, before DDP or
+    FSDP2 wrap it (`EWC.shard_like` shards the result afterwards). max_examples then counts per rank, and "true"
+    draws each rank's labels from seed + rank."""
     if estimator not in ESTIMATORS:
         raise ForgetlabError(f"unknown Fisher estimator {estimator!r} (choose from {', '.join(ESTIMATORS)})")
     if normalize not in NORMALIZATIONS:
@@ -116,6 +125,8 @@ def estimate_fisher(model, batches, estimator: str = "empirical", max_examples: 
     if not params:
         raise ForgetlabError("estimate_fisher: the model has no trainable parameter (requires_grad=True)")
     acc = zero_sums(params)
+    if all_ranks and dist.is_initialized():
+        seed += dist.get_rank()  # "true": independent label samples on each rank
     generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     scratch = Scratch()
     n_examples = n_batches = 0
@@ -139,11 +150,24 @@ def estimate_fisher(model, batches, estimator: str = "empirical", max_examples: 
                 break
     finally:
         model.train(was_training)
+    if all_ranks and dist.is_initialized():
+        n_examples, n_batches = all_reduce_sums_(acc, n_examples, n_batches)
     if n_examples == 0:
         raise ForgetlabError("estimate_fisher: the batches hold no labelled token (every label is -100)")
     denominator = n_batches if estimator == "batch" else n_examples
     fisher = {name: a.div_(denominator) for name, a in acc.items()}
     return normalize_fisher(fisher, normalize)
+
+
+def all_reduce_sums_(acc: dict[str, torch.Tensor], *counts: int) -> list[int]:
+    """Σ over ranks of every accumulator (in place) and of the counts: the Fisher's numerator and denominator.
+    A SUM, never DDP's average, and taken of the squares each rank summed itself: the square of an averaged
+    gradient, ((g_a + g_b)/2)², is not the mean of the squares."""
+    for a in acc.values():
+        dist.all_reduce(a, op=dist.ReduceOp.SUM)
+    c = torch.tensor(counts, dtype=torch.float64, device=next(iter(acc.values())).device)
+    dist.all_reduce(c, op=dist.ReduceOp.SUM)
+    return [int(x) for x in c.tolist()]
 
 
 def normalize_fisher(fisher: dict[str, torch.Tensor], normalize: str) -> dict[str, torch.Tensor]:
@@ -186,6 +210,8 @@ class EWC:
     Convention: λ multiplies the whole Fisher sum (Kirkpatrick et al.'s λ/2 in front), F is per-example
     averaged (see `estimate_fisher`), θ* is the anchor: the trainable weights when the EWC was built (or last
     consolidated). F and θ* live in one flat list each, built once; `dtype=torch.bfloat16` halves their memory.
+    Under FSDP2 (`shard_like`) F and θ* are DTensors sharded like their parameters: each rank computes the
+    penalty and its gradient on its own shards, and the penalty's value is all-reduced.
     `gamma` is online EWC's decay γ (Schwarz et al. 2018); None = plain EWC, whose `consolidate` then sums the
     Fishers (γ = 1, Huszár 2018's recursive form)."""
 
@@ -204,6 +230,23 @@ class EWC:
         self.metadata: dict[str, str] = {}
         self.scratch_delta, self.scratch_fisher_delta = Scratch(), Scratch()
 
+    @property
+    def sharded(self) -> bool:
+        return any(is_dtensor(p) for p in self.params)
+
+    @torch.no_grad()
+    def shard_like(self, model):
+        """After FSDP2's fully_shard replaced `model`'s parameters by sharded DTensors: follow the new
+        parameters (by name) and lay F and θ* out exactly like them (distributed.distribute_like: each rank
+        keeps its own shard of the values every rank holds), so that EWC's memory per rank falls as 1/N."""
+        from distributed import distribute_like
+        params = trainable_parameters(model)
+        check_names(self.names, params, "EWC.shard_like: the sharded model's trainable parameters")
+        self.model, self.params = model, [params[n] for n in self.names]
+        self.fisher = [distribute_like(f, p) for f, p in zip(self.fisher, self.params)]
+        self.anchor = [distribute_like(a, p) for a, p in zip(self.anchor, self.params)]
+        return self
+
     def check_model(self, model):
         if model is not self.model:
             raise ValueError("this EWC was built for another model")
@@ -214,14 +257,17 @@ class EWC:
         λ·F·(θ − θ*), handed to use_grad(p, gradient) when given. The one place the penalty is computed:
         `penalty` and `add_penalty_grad_` only deliver the gradient differently. The gradient is written into a
         reused buffer (a fresh 100 MB tensor per parameter per step is slow on CPU): use it before returning."""
-        total = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
-        for p, a, f in zip(self.params, self.anchor, self.fisher):
+        total = torch.zeros((), dtype=torch.float32, device=local(self.params[0]).device)
+        for param, anchor, fisher in zip(self.params, self.anchor, self.fisher):
+            p, a, f = local(param), local(anchor), local(fisher)  # this rank's shards under FSDP2, else the same
             dtype = torch.promote_types(p.dtype, a.dtype)
             delta = torch.sub(p, a, out=self.scratch_delta.get(p.shape, dtype, p.device))  # θ − θ*
             f_delta = torch.mul(delta, f, out=self.scratch_fisher_delta.get(p.shape, dtype, p.device))
             total += torch.dot(f_delta.view(-1), delta.view(-1)).float()
             if use_grad is not None:
-                use_grad(p, f_delta.mul_(self.lam))
+                use_grad(param, f_delta.mul_(self.lam))  # shaped like param's local shard
+        if self.sharded:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)  # every rank summed only its own shards
         return total * (self.lam / 2)
 
     def penalty(self, model) -> torch.Tensor:
@@ -237,9 +283,9 @@ class EWC:
 
         def add(p, g):
             if p.grad is None:
-                p.grad = g.to(p.dtype, copy=True)
+                p.grad = like(p, g.to(p.dtype, copy=True))
             else:
-                p.grad.add_(g)
+                local(p.grad).add_(g)
         return self.value_and_grad(add)
 
     def backward(self, model, loss: torch.Tensor, in_place: bool = True) -> torch.Tensor:
@@ -276,15 +322,21 @@ class EWC:
         own = self.state_dict()
         check_fits(own, state, source)
         for k, t in own.items():
-            t.copy_(state[k])
+            s = state[k]
+            if is_dtensor(t) and not is_dtensor(s):  # a whole tensor (a file) into a shard: keep this rank's part
+                from distributed import distribute_like
+                s = distribute_like(s.to(t.dtype), t)
+            local(t).copy_(local(s))
 
     def save(self, path, metadata: dict | None = None):
         """One safetensors file: `fisher.<name>` and `anchor.<name>` tensors, string metadata (estimator, data,
         n_examples, model: whatever the caller passes, plus gamma and created)."""
         meta = {**self.metadata, **{k: str(v) for k, v in (metadata or {}).items()},
                 "gamma": str(self.gamma), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        write_atomic_safetensors(Path(path), tensors, meta)
+        # sharded (FSDP2): every rank takes part in gathering the whole tensors, rank 0 writes them
+        tensors = {k: full(v).detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_atomic_safetensors(Path(path), tensors, meta)
         self.metadata = meta
 
     @classmethod
@@ -314,14 +366,38 @@ class EWCPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ewc, *params):
         grads = []
-        value = ewc.value_and_grad(lambda p, g: grads.append(g.to(p.dtype, copy=True)))
+        value = ewc.value_and_grad(lambda p, g: grads.append(like(p, g.to(p.dtype, copy=True))))
         ctx.grads = grads
         return value
 
     @staticmethod
     def backward(ctx, grad_out):
         grads, ctx.grads = ctx.grads, None  # each gradient is returned once
-        return (None, *(g.mul_(grad_out) for g in grads))
+        for g in grads:
+            local(g).mul_(grad_out)
+        return (None, *grads)
+
+
+def is_dtensor(t) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), or t itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), or t itself."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def like(p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """A gradient for p from the local-shard-shaped `shard`: a DTensor laid out like p when p is one."""
+    if not is_dtensor(p):
+        return shard
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
 def check_fits(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str):

@@ -29,8 +29,26 @@ Mitigations of phase 2 (the same data, seeds and steps unless the row says other
     replay   a quarter of each batch is task-A data trained through head_a (head_a trains too)
     ewc      λ/2 Σ F (θ − θ*)² via ewc.EWC, F the Fisher of task A at the end of phase 1 (see `task_fisher`)
 
+The baselines of methods.py, each in its toy form (train.py's method of the same name):
+    l2-init      λ/2 Σ F̄ (θ − θ*)² on the shared layer: EWC with each of its F_i replaced by their mean F̄ (the
+                 toy's "F = 1 on a mean-normalized scale") at ewc's λ, so ewc vs l2-init shows what the Fisher's
+                 distribution adds; head_b is new and, as in L2-SP (Li et al. 2018), not pulled anywhere
+    kl           β · ½ · mean_x (f_A(x) − f_A⁰(x))² over task-A inputs x (no labels): the KL between the unit-
+                 variance Gaussians the regression heads define, to task A's predictions at the end of phase 1
+                 (computed once: the cached teacher); Li & Hoiem 2017
+    wise-ft      plain phase 2, then θ = (1 − α) θ⁰ + α θ_ft (α = 0.5) on the shared layer (head_b is new: it has
+                 no θ⁰); Wortsman et al. 2022. Not a mitigation here: the ReLU features of the midpoint are neither
+                 A's nor those head_b learnt to read, so it loses B without keeping A (no α does both)
+    mofo         plain phase 2 with methods.MoFOOptimizer: only the 10% entries of largest momentum per tensor move
+                 (Chen et al. 2025). Not a mitigation here either: the entries B's gradient pushes hardest are those
+                 A's features live in, and a sparse update moves them as far (at fraction 1 it is the plain row)
+    self-replay  replay whose task-A targets are the phase-1 model's own predictions, not the labels
+    ewc-lora     the lora row plus λ/2 Σ F_W (s·B·A)², F_W the task-A Fisher of the shared weight W
+(freeze is the freeze row above: the toy's shared layer is its only layer below the heads.)
+
 Typical output (seed 0): plain ~76x, freeze 1.0x, lora ~450x, low_lr 1.5x (but B barely learnt), replay
-~4.6x, ewc ~2.4x (B learnt less well than plain).
+~4.6x, ewc ~2.4x (B learnt less well than plain), l2-init ~12x (B learnt worse than ewc's: the Fisher is
+what helps), kl ~1.1x, wise-ft ~19x (B lost), mofo ~310x, self-replay ~4.8x, ewc-lora ~1.3x (lora: ~450x).
 
 Deterministic: fixed seeds, full-batch training, no data shuffling.
 """
@@ -47,9 +65,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
 from ewc import EWC  # noqa: E402
 from lora import apply_lora  # noqa: E402
+from methods import MoFOOptimizer  # noqa: E402
 
-METHODS = ("plain", "freeze", "lora", "low_lr", "replay", "ewc")
-MITIGATIONS = ("freeze", "low_lr", "replay", "ewc")  # the rows that reduce forgetting (see "lora" above)
+METHODS = ("plain", "freeze", "lora", "low_lr", "replay", "ewc", "l2-init", "kl", "wise-ft", "mofo", "self-replay",
+           "ewc-lora")
+# the rows that reduce forgetting (see "lora", "wise-ft" and "mofo" above for those that do not, here)
+MITIGATIONS = ("freeze", "low_lr", "replay", "ewc", "l2-init", "kl", "self-replay", "ewc-lora")
 N_IN, N_HIDDEN = 10, 20
 
 
@@ -88,7 +109,10 @@ class ToyConfig:
     low_epochs: int = 30
     lora_r: int = 1
     replay_fraction: float = 0.25  # replayed A examples per B example in each batch
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = 100.0  # also l2-init's and ewc-lora's λ
+    kl_beta: float = 10.0
+    wise_alpha: float = 0.5
+    mofo_fraction: float = 0.1
     seed: int = 0
 
 
@@ -110,9 +134,9 @@ def mse(model, task, data) -> float:
         return F.mse_loss(model(x, task), y).item()
 
 
-def train(model, loss_fn, epochs: int, lr: float):
-    """Full-batch Adam on the parameters with requires_grad."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+def train(model, loss_fn, epochs: int, lr: float, optimizer=torch.optim.Adam):
+    """Full-batch Adam (or `optimizer`) on the parameters with requires_grad."""
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(epochs):
         opt.zero_grad()
         loss_fn().backward()
@@ -154,9 +178,10 @@ def run(method: str, cfg: ToyConfig = ToyConfig()) -> Row:
     loss_a_before = mse(model, "a", test_a)
 
     model.requires_grad_(True)
-    model.head_a.requires_grad_(method == "replay")  # only replay has task-A targets to train head_a on
+    model.head_a.requires_grad_(method == "replay")  # only (self-)replay has task-A targets to train head_a on
     loss_b = lambda: F.mse_loss(model(train_b[0], "b"), train_b[1])  # noqa: E731
-    loss_fn, epochs, lr = loss_b, cfg.epochs_b, cfg.lr_b
+    loss_fn, epochs, lr, optimizer = loss_b, cfg.epochs_b, cfg.lr_b, torch.optim.Adam
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     if method == "freeze":
         model.shared.requires_grad_(False)
     elif method == "lora":
@@ -164,16 +189,47 @@ def run(method: str, cfg: ToyConfig = ToyConfig()) -> Row:
         model.head_b.requires_grad_(True)  # apply_lora froze everything but the adapter; the new head must learn
     elif method == "low_lr":
         epochs, lr = cfg.low_epochs, cfg.low_lr
-    elif method == "replay":
+    elif method in ("replay", "self-replay"):
         k = int(cfg.n_train * cfg.replay_fraction)
         xa, ya = train_a[0][:k], train_a[1][:k]
+        if method == "self-replay":  # the phase-1 model's own answers
+            model.head_a.requires_grad_(True)
+            with torch.no_grad():
+                ya = model(xa, "a")
         n_b = cfg.n_train
         # The mixed batch's mean loss: B and replayed A examples weigh one each.
         loss_fn = lambda: (loss_b() * n_b + F.mse_loss(model(xa, "a"), ya, reduction="sum")) / (n_b + k)  # noqa: E731
     elif method == "ewc":
         ewc = EWC(model, task_fisher(model, train_a[0]), lam=cfg.ewc_lambda)
         loss_fn = lambda: loss_b() + ewc.penalty(model)  # noqa: E731
-    train(model, loss_fn, epochs, lr)
+    elif method == "l2-init":
+        fisher = task_fisher(model, train_a[0])
+        shared = [n for n in fisher if n.startswith("shared.")]  # the pretrained weights; head_b is new (F = 0)
+        mean = float(sum(fisher[n].sum() for n in shared) / sum(fisher[n].numel() for n in shared))
+        ewc = EWC(model, {n: torch.full_like(f, mean) if n in shared else f for n, f in fisher.items()},
+                  lam=cfg.ewc_lambda)
+        loss_fn = lambda: loss_b() + ewc.penalty(model)  # noqa: E731
+    elif method == "kl":
+        xa = train_a[0]
+        with torch.no_grad():
+            teacher = model(xa, "a")  # cached once, before phase 2
+        loss_fn = lambda: loss_b() + cfg.kl_beta * 0.5 * (model(xa, "a") - teacher).pow(2).mean()  # noqa: E731
+    elif method == "mofo":
+        optimizer = lambda params, lr: MoFOOptimizer(params, lr=lr, fraction=cfg.mofo_fraction)  # noqa: E731
+    elif method == "ewc-lora":
+        fisher_w = task_fisher(model, train_a[0])["shared.weight"]
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_r, dropout=0.0, targets=("shared",))
+        model.head_b.requires_grad_(True)
+        m = model.shared
+
+        def loss_fn():
+            delta = (m.lora_B.weight @ m.lora_A.weight) * m.scale  # ΔW = s·B·A
+            return loss_b() + cfg.ewc_lambda / 2 * (fisher_w * delta.square()).sum()
+    train(model, loss_fn, epochs, lr, optimizer)
+    if method == "wise-ft":
+        with torch.no_grad():
+            for p, p0 in zip(model.shared.parameters(), (start["shared.weight"], start["shared.bias"])):
+                p.copy_(torch.lerp(p0, p, cfg.wise_alpha))  # head_b is new: it has no θ⁰ to return to
     return Row(method, loss_a_before, mse(model, "a", test_a), mse(model, "b", test_b))
 
 

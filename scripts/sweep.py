@@ -1,7 +1,7 @@
 """A grid of forgetting mitigations x seeds through train.py: the learning-versus-forgetting picture.
 
     python scripts/sweep.py                                           # full, lora, ewc, replay x seeds 0,1,2
-    python scripts/sweep.py --methods full,ewc --ewc-lambda 10,100,1000 --seeds 0,1 --eval quick
+    python scripts/sweep.py --methods full,ewc,l2-init --grid ewc.lambda=0.1,0.5,2 --grid lr=1e-4,2e-4 --eval quick
     python scripts/sweep.py --quick                                   # a tiny random model, seconds per run
 
 Each grid point is one `python train.py ...` run in its own process, written to DIR/<run-name>/ (DIR = --out,
@@ -10,10 +10,11 @@ stopped (an unfinished run's directory is cleared and the run starts over). Flag
 are passed to every train.py run (e.g. --eval quick, --epochs 1); they are recorded per run, and resuming
 a run with different flags is refused rather than silently mixed.
 
-Grid axes, each a comma list, each applied only to the methods it concerns (a method gets its preset value
-from methods.py when the axis is not given):
-    --lr               every method          --lora-r           lora
-    --ewc-lambda       ewc                   --replay-fraction  replay
+Grid axes: `--grid KEY=V1,V2,...`, repeatable. KEY is a train.py setting every method has (`lr`, `epochs`,
+`replay-fraction`, ...) or a method option by its `--help` name (`ewc.lambda`, `lora.r`, `kl.beta`: see
+methods.option_keys); a method option applies only to the methods that read it (`ewc.lambda` to ewc and
+ewc-lora), the others keep their preset. The grid is every method × the values of each key it reads × every
+seed, seeds innermost.
 
 Outputs in DIR:
     sweep.csv   one row per finished run: this grid's, then those that earlier sweeps left in DIR, so grids
@@ -62,13 +63,6 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
 
-# axis flag -> (train.py flag, short label in run names and params, methods it applies to; None = all)
-AXES = {
-    "lr": ("--lr", "lr", None),
-    "lora_r": ("--lora-r", "r", ("lora",)),
-    "ewc_lambda": ("--ewc-lambda", "lambda", ("ewc",)),
-    "replay_fraction": ("--replay-fraction", "replay", ("replay",)),
-}
 # column -> (stage, eval task, metric) read from results.json
 READ = dict(recall_acc=("after", "domain_recall", "accuracy"), recall_nll=("after", "domain_recall", "nll"),
             unseen_acc=("after", "domain_unseen", "accuracy"), unseen_nll=("after", "domain_unseen", "nll"),
@@ -81,9 +75,10 @@ METRICS = COLUMNS[3:-1]  # the numeric columns, averaged over seeds in sweep.md
 DECIMALS = {**{k: 4 if k.endswith("nll") else 3 for k in READ}, "tokens": 0, "wall_s": 0, "peak_mem_mb": 0,
             "recall_gain": 4, "unseen_gain": 4, "forgetting": 4, "qa_drop": 3}  # in sweep.md
 RESERVED = ("--out", "--method", "--seed")  # set by the sweep itself for each run (and --model with --quick)
-# --quick: train.py flags for a tiny random model (4 optimizer steps, quick evaluation)
-QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4", "--fisher-samples", "8",
-                     "--max-len", "128"]
+# --quick: train.py flags for a tiny random model (4 optimizer steps, quick evaluation), and 8 Fisher examples
+# for the methods that estimate one
+QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4", "--max-len", "128"]
+QUICK_FISHER_SAMPLES = "8"
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -91,23 +86,23 @@ QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4",
 @dataclass
 class Run:
     method: str
-    params: dict  # axis -> value as typed, e.g. {"ewc_lambda": "100"}
+    params: dict  # grid key -> value as typed, e.g. {"ewc.lambda": "0.5", "lr": "1e-4"}
     seed: int
 
     @property
     def params_label(self) -> str:
-        """"lambda=100,lr=1e-4", or "" for the method's presets."""
-        return ",".join(f"{AXES[a][1]}={v}" for a, v in self.params.items())
+        """"ewc.lambda=0.5,lr=1e-4", or "" for the method's presets."""
+        return ",".join(f"{k}={v}" for k, v in self.params.items())
 
     @property
     def name(self) -> str:
-        parts = [self.method] + [f"{AXES[a][1]}{v}" for a, v in self.params.items()] + [f"seed{self.seed}"]
+        parts = [self.method] + [f"{k.rsplit('.', 1)[-1]}{v}" for k, v in self.params.items()] + [f"seed{self.seed}"]
         return "-".join(parts)
 
     def train_flags(self) -> list[str]:
         flags = ["--method", self.method, "--seed", str(self.seed)]
-        for axis, value in self.params.items():
-            flags += [AXES[axis][0], value]
+        for key, value in self.params.items():
+            flags += ["--" + key, value]
         return flags
 
 
@@ -126,15 +121,46 @@ def split_list(text: str, flag: str, kind=float) -> list[str]:
     return values
 
 
+def grid_keys(methods: list[str]) -> dict[str, tuple[type, set[str] | None]]:
+    """Every key --grid accepts for these methods: {key: (value type, the methods that read it; None = all)}.
+    The numeric train.py settings apply to every method; a method option (methods.option_keys) to its readers."""
+    import train
+    from methods import REGISTRY, option_keys
+
+    keys = {f.name.replace("_", "-"): (f.type, None)
+            for f in train.dataclasses.fields(train.TrainConfig) if f.type in (int, float)}
+    for m in methods:
+        for key, (_, _, typ) in option_keys(REGISTRY[m]).items():
+            if typ in (int, float):
+                keys[key] = (typ, (keys[key][1] if key in keys else set()) | {m})
+    return keys
+
+
+def parse_grid(specs: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """--grid KEY=V1,V2 (repeatable) -> {key: values}, each key and value checked before any run."""
+    keys, axes = grid_keys(methods), {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or key not in keys:
+            known = ", ".join(sorted(keys))
+            raise ForgetlabError(f"--grid {spec!r}: expected KEY=V1,V2,... with KEY one of: {known}")
+        if key in axes:
+            raise ForgetlabError(f"--grid: {key} is given twice")
+        axes[key] = split_list(values, f"--grid {key}", keys[key][0])
+    return axes
+
+
 def expand_grid(methods: list[str], seeds: list[int], axes: dict[str, list[str]]) -> list[Run]:
-    """Every method x the values of each axis that concerns it x every seed, seeds innermost."""
+    """Every method x the values of each key it reads x every seed, seeds innermost."""
+    readers = grid_keys(methods)
     runs = []
     for method in methods:
         combos = [{}]
-        for axis, values in axes.items():
-            applies_to = AXES[axis][2]
-            if values and (applies_to is None or method in applies_to):
-                combos = [{**c, axis: v} for c in combos for v in values]
+        for key, values in axes.items():
+            applies_to = readers[key][1]
+            if applies_to is None or method in applies_to:
+                combos = [{**c, key: v} for c in combos for v in values]
         runs += [Run(method, c, seed) for c in combos for seed in seeds]
     return runs
 
@@ -178,13 +204,15 @@ def tail(path: Path, n: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_all(runs: list[Run], out: Path, extra: list[str], env: dict) -> list[str]:
-    """Run every unfinished grid point; returns the names of the runs that failed."""
+def run_all(runs: list[Run], out: Path, extra: list[str], env: dict, quick_flags: dict | None = None) -> list[str]:
+    """Run every unfinished grid point (quick_flags: extra train.py flags per method); returns the names of the
+    runs that failed."""
+    quick_flags = quick_flags or {}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     failed = []
     for i, run in enumerate(runs, 1):
         run_dir = out / run.name
-        argv = [*run.train_flags(), *extra, "--out", str(run_dir)]
+        argv = [*run.train_flags(), *extra, *quick_flags.get(run.method, []), "--out", str(run_dir)]
         label = f"[{i}/{len(runs)}] {run.name}"
         if (run_dir / "results.json").is_file():
             check_same_flags(run_dir, argv, out)
@@ -200,7 +228,8 @@ def run_all(runs: list[Run], out: Path, extra: list[str], env: dict) -> list[str
             print(f"{label}: FAILED (exit {code}); the end of {log}:\n{tail(log)}", file=sys.stderr)
             failed.append(run.name)
             continue
-        (run_dir / "sweep.json").write_text(json.dumps(dict(argv=argv, wall_s=wall, peak_rss_mb=peak), indent=2))
+        record = dict(method=run.method, params=run.params, seed=run.seed, argv=argv, wall_s=wall, peak_rss_mb=peak)
+        (run_dir / "sweep.json").write_text(json.dumps(record, indent=2))
         print(f"{label}: done in {wall:.0f} s", file=sys.stderr)
     return failed
 
@@ -231,17 +260,15 @@ def diff(a, b):
 
 
 def recorded_run(run_dir: Path) -> Run | None:
-    """The grid point of a finished run an earlier sweep left in run_dir (read from its recorded train.py
-    flags), or None when run_dir is not such a run."""
+    """The grid point of a finished run an earlier sweep left in run_dir (read from its sweep.json), or None
+    when run_dir is not such a run."""
     record = run_dir / "sweep.json"
     if not (record.is_file() and (run_dir / "results.json").is_file()):
         return None
-    argv = json.loads(record.read_text())["argv"]
-    value = lambda flag: argv[argv.index(flag) + 1] if flag in argv[:-1] else None  # noqa: E731
-    if value("--method") is None or value("--seed") is None:
+    r = json.loads(record.read_text())
+    if not {"method", "params", "seed"} <= set(r):
         return None
-    params = {axis: value(flag) for axis, (flag, _, _) in AXES.items() if value(flag) is not None}
-    return Run(value("--method"), params, int(value("--seed")))
+    return Run(r["method"], r["params"], int(r["seed"]))
 
 
 def collect_row(run: Run, run_dir: Path) -> dict:
@@ -335,10 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Other flags are passed to every train.py run.")
     p.add_argument("--methods", default="full,lora,ewc,replay", help="comma list of train.py methods")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
-    p.add_argument("--lr", default=None, help="comma list of peak learning rates (all methods)")
-    p.add_argument("--lora-r", default=None, help="comma list of LoRA ranks (lora)")
-    p.add_argument("--ewc-lambda", default=None, help="comma list of EWC strengths (ewc)")
-    p.add_argument("--replay-fraction", default=None, help="comma list of replay fractions (replay)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid axis, repeatable: a train.py setting (lr, replay-fraction, ...) or a method option "
+                        "(ewc.lambda, lora.r, ...), applied to the methods that read it")
     p.add_argument("--out", default="runs/sweep", help="sweep directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny random model with SmolLM2's tokenizer, 4 steps, quick eval: for tests and smoke runs")
@@ -359,19 +385,18 @@ def main(argv=None):
     import train
     train.parse_config([*extra, "--method", methods[0]])  # so does a bad pass-through train flag
     seeds = [int(s) for s in split_list(args.seeds, "--seeds", int)]
-    axes = {"lr": args.lr, "lora_r": args.lora_r, "ewc_lambda": args.ewc_lambda,
-            "replay_fraction": args.replay_fraction}
-    axes = {a: split_list(v, "--" + a.replace("_", "-"), int if a == "lora_r" else float) if v else None
-            for a, v in axes.items()}
-    runs = expand_grid(methods, seeds, axes)
+    runs = expand_grid(methods, seeds, parse_grid(args.grid, methods))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    quick_flags = {}
     if args.quick:
         extra = [*QUICK_TRAIN_FLAGS, *extra, "--model", str(quick_model(out))]
+        readers = grid_keys(methods).get("ewc.fisher-samples", (None, set()))[1]
+        quick_flags = {m: ["--ewc.fisher-samples", QUICK_FISHER_SAMPLES] for m in readers or ()}
         env.setdefault("OMP_NUM_THREADS", "1")  # a tiny model's ops are too small to share between threads
     print(f"sweep: {len(runs)} runs into {out}", file=sys.stderr)
-    failed = run_all(runs, out, extra, env)
+    failed = run_all(runs, out, extra, env, quick_flags)
 
     grid = {r.name for r in runs}
     finished = [(r, out / r.name) for r in runs]

@@ -70,7 +70,7 @@ TRAIN_CASES = [  # (argv change, message)
     (["--model", "{d}/missing_model"], "missing_model: model directory not found"),
     (["--out", "{d}/nonempty"], "nonempty: output directory already exists and is not empty"),
     (["--out", "{d}/results.json/run"], "run: cannot create the output directory"),
-    (["--lora-targets", "no_proj", "--method", "lora"], "LoRA target module 'no_proj' not found"),
+    (["--lora.targets", "no_proj", "--method", "lora"], "LoRA target module 'no_proj' not found"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--skip-nonfinite", "-2"], "--skip-nonfinite must be >= 0"),
     (["--resume"], "config.json: not found: --resume continues a run that train.py started in --out"),
@@ -104,7 +104,7 @@ def test_a_bad_fisher_file_fails_before_the_before_evaluation(tiny_dir, tiny_dat
     else:  # a real EWC file, of the hidden-64 tiny model: the tiny_dir model's tensors have other shapes
         other = tiny_llama()
         EWC(other, {n: torch.ones_like(p) for n, p in other.named_parameters()}, lam=1.0).save(path)
-    argv = tiny_args(tiny_dir, tiny_data, tmp_path / "out", "--method", "ewc", "--fisher", str(path),
+    argv = tiny_args(tiny_dir, tiny_data, tmp_path / "out", "--method", "ewc", "--ewc.fisher", str(path),
                      "--eval", "quick")
     t = time.time()
     with pytest.raises(SystemExit) as e:
@@ -141,7 +141,8 @@ EVAL_CASES = [
     (["--model", "{d}/missing_model"], "missing_model: model directory not found"),
     (["--adapter", "{d}/missing_adapter"], "missing_adapter: adapter directory not found"),
     (["--tasks", "ppl", "--data", "{d}/missing.jsonl"], "missing.jsonl: data file not found"),
-    (["--compare", "{d}/results.json"], "argument --compare: expected 2 arguments"),
+    (["--compare", "{d}/results.json"], "results.json: not a train.py results.json with a before and an after"),
+    (["--compare", "{d}/results.json", "{d}/results.json", "{d}/results.json"], "--compare takes BEFORE AFTER"),
     (["--compare", "{d}/results.json", "{d}/missing.json"], "missing.json: results file not found"),
     (["--compare", "{d}/results.json", "{d}/truncated.json"], "truncated.json:1: not valid JSON"),
 ]

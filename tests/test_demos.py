@@ -55,6 +55,29 @@ def test_replay_and_ewc_keep_learning_task_b_unlike_low_lr(toy_rows):
         assert toy_rows[method].loss_b_after < toy_rows["low_lr"].loss_b_after / 10
 
 
+def test_the_fisher_is_what_makes_ewc_beat_its_l2_init_control_on_both_tasks(toy_rows):
+    ewc, l2 = toy_rows["ewc"], toy_rows["l2-init"]  # the same λ, F replaced by its mean
+    assert ewc.loss_a_after < l2.loss_a_after / 3 and ewc.loss_b_after < l2.loss_b_after
+
+
+def test_ewc_on_the_lora_update_removes_most_of_lora_forgetting(toy_rows):
+    assert toy_rows["ewc-lora"].ratio < toy_rows["lora"].ratio / 100
+
+
+def test_wise_ft_midpoint_forgets_less_than_plain_but_loses_task_b(toy_rows):
+    wise, plain = toy_rows["wise-ft"], toy_rows["plain"]
+    assert wise.ratio < plain.ratio / 2 and wise.loss_b_after > 10 * plain.loss_b_after
+
+
+def test_mofo_at_fraction_1_is_plain_fine_tuning_and_sparser_updates_do_not_help_here(toy_rows):
+    from dataclasses import replace
+
+    every_entry, plain = toy.run("mofo", replace(toy.ToyConfig(), mofo_fraction=1.0)), toy_rows["plain"]
+    assert every_entry.loss_a_after == pytest.approx(plain.loss_a_after, rel=1e-5)  # Adam, up to rounding
+    assert every_entry.loss_b_after == pytest.approx(plain.loss_b_after, rel=1e-5)
+    assert toy_rows["mofo"].ratio > toy_rows["plain"].ratio
+
+
 def test_toy_demo_is_deterministic(toy_rows):
     assert toy.run("ewc") == toy_rows["ewc"]
 

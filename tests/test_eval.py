@@ -384,6 +384,17 @@ def test_cli_compare_prints_the_report_and_rejects_files_without_items(tmp_path,
         ev.main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "a.json")])
 
 
+def test_cli_compare_of_one_train_run_prints_its_report_again(tmp_path, capsys):
+    before, after = {"general_qa": qa_result([True] * 60 + [False] * 40)}, {"general_qa": qa_result([True] * 62 + [False] * 38)}
+    run = dict(training={}, before=before, after=after, comparison=ev.compare_forgetting(before, after))
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    ev.main(["--compare", str(tmp_path / "results.json")])
+    assert capsys.readouterr().out.strip() == ev.format_report(run["comparison"]).strip()
+    (tmp_path / "bad.json").write_text(json.dumps(dict(before=before, after={"general_qa": {"accuracy": 1}})))
+    with pytest.raises(ev.ForgetlabError, match="bad.json: after: results.general_qa.items"):
+        ev.main(["--compare", str(tmp_path / "bad.json")])
+
+
 @pytest.mark.real_model
 def test_an_adapter_with_nonzero_weights_changes_the_results(smollm_dir, tmp_path):
     """Guards the harness bug where --adapter is accepted but never reaches the forward pass."""

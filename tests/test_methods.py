@@ -14,22 +14,27 @@ from tests.tiny import read_metrics, tiny_args
 REPO = Path(__file__).resolve().parent.parent
 
 # The custom-mitigation example the README shows; test_readme_shows_this_example keeps the two identical.
-L2_INIT_EXAMPLE = '''\
-"""L2-to-init: pull the trained weights toward their values before fine-tuning (EWC with F = 1)."""
-from methods import Method, register
+L1_INIT_EXAMPLE = '''\
+"""L1-to-init: lambda * sum |theta - theta_0|, which lets a few weights move far rather than many a little."""
+from dataclasses import dataclass
+
+from methods import Method, option, register
 
 
-@register("l2-init")
-class L2Init(Method):
+@register("l1-init")
+class L1Init(Method):
     defaults = {"lr": 1e-4}
-    strength = 1.0  # loss += strength / 2 * ||theta - theta_0||^2
+
+    @dataclass
+    class Options:
+        strength: float = option(1e-4, "lambda in lambda * sum |theta - theta_0|")
 
     def configure(self, model):
         self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def extra_loss(self, model, step):
-        return self.strength / 2 * sum(((p - self.theta0[n]) ** 2).sum()
-                                       for n, p in model.named_parameters() if n in self.theta0)
+        return self.options.strength * sum((p - self.theta0[n]).abs().sum()
+                                           for n, p in model.named_parameters() if n in self.theta0)
 '''
 
 
@@ -45,26 +50,38 @@ def test_register_rejects_a_class_that_is_not_a_method():
         methods.register("broken")(object)
 
 
-def test_custom_method_file_runs_and_its_penalty_holds_weights_back(tiny_dir, tiny_data, tmp_path):  # noqa: F811
-    example = tmp_path / "l2_init.py"
-    example.write_text(L2_INIT_EXAMPLE)
-    assert len(L2_INIT_EXAMPLE.splitlines()) <= 30
+def test_custom_method_file_runs_with_its_own_option_and_its_penalty_holds_weights_back(tiny_dir, tiny_data, tmp_path):  # noqa: F811
+    example = tmp_path / "l1_init.py"
+    example.write_text(L1_INIT_EXAMPLE)
+    assert len(L1_INIT_EXAMPLE.splitlines()) <= 30
     runs = {}
-    for name, extra in [("l2", ["--method-file", str(example), "--method", "l2-init"]), ("full", ["--lr", "1e-4"])]:
+    for name, extra in [("l1", ["--method-file", str(example), "--method", "l1-init", "--l1-init.strength", "0.01"]),
+                        ("full", ["--lr", "1e-4"])]:
         out = tmp_path / name
         train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "3", *extra))
         runs[name] = out
-    config = json.loads((runs["l2"] / "config.json").read_text())
-    assert config["method"] == "l2-init" and config["lr"] == 1e-4  # its preset applied
-    metrics = read_metrics(runs["l2"])
+    config = json.loads((runs["l1"] / "config.json").read_text())
+    assert config["method"] == "l1-init" and config["lr"] == 1e-4  # its preset applied
+    assert config["l1-init.strength"] == 0.01  # its option, typed, recorded under its flag's name
+    metrics = read_metrics(runs["l1"])
     assert metrics[0]["extra_loss"] == 0.0 and metrics[-1]["extra_loss"] > 0.0
-    assert "l2-init" in methods.REGISTRY
+    assert "l1-init" in methods.REGISTRY
+
+
+def test_custom_method_options_show_in_help_under_its_name(tmp_path, capsys):
+    example = tmp_path / "l1_init.py"
+    example.write_text(L1_INIT_EXAMPLE)
+    with pytest.raises(SystemExit):
+        train.parse_config(["--method-file", str(example), "--help"])
+    text = capsys.readouterr().out
+    group = " ".join(text[text.index("l1-init options:"):].split())
+    assert "--l1-init.strength FLOAT" in group and "(default: 0.0001)" in group
 
 
 def test_readme_shows_this_example():
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert L2_INIT_EXAMPLE in blocks
+    assert L1_INIT_EXAMPLE in blocks
 
 
 class Recorder(methods.Method):
@@ -111,7 +128,7 @@ def test_lora_trains_only_the_adapters(tiny_dir, tiny_data, tmp_path):  # noqa: 
 def test_ewc_keeps_weights_closer_to_the_start_than_full_fine_tuning(tiny_dir, tiny_data, tmp_path):  # noqa: F811
     start = load_model(tiny_dir).state_dict()
     distance = {}
-    for method, extra in [("full", []), ("ewc", ["--ewc-lambda", "1e6", "--fisher-normalize", "max"])]:
+    for method, extra in [("full", []), ("ewc", ["--ewc.lambda", "1e6", "--ewc.fisher-normalize", "max"])]:
         out = tmp_path / method
         train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "10", "--lr", "1e-2", *extra))
         end = load_model(out / "model").state_dict()
@@ -131,10 +148,10 @@ def test_ewc_run_saves_its_fisher_and_a_second_run_reuses_it_with_the_original_a
     start = load_model(tiny_dir).state_dict()
     assert all(torch.equal(a, start[n]) for n, a in zip(saved.names, saved.anchor))  # anchored at the base model
 
-    # a second task, starting from the first run's model: plain --fisher keeps F and the anchor of the file
+    # a second task, starting from the first run's model: plain --ewc.fisher keeps F and the anchor of the file
     second = tmp_path / "second"
     train.main(tiny_args(str(first / "model"), tiny_data, second, "--method", "ewc", "--max-steps", "2",
-                         "--fisher", str(first / "ewc.safetensors")))
+                         "--ewc.fisher", str(first / "ewc.safetensors")))
     reused = EWC.load(second / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
     assert all(torch.equal(f, g) for f, g in zip(saved.fisher, reused.fisher))
     assert all(torch.equal(a, b) for a, b in zip(saved.anchor, reused.anchor))
@@ -147,12 +164,12 @@ def test_online_ewc_decays_the_old_fisher_adds_the_new_and_moves_the_anchor(tiny
     first = tmp_path / "first"
     train.main(tiny_args(tiny_dir, tiny_data, first, "--method", "ewc", "--max-steps", "2", "--lr", "1e-2"))
     old = EWC.load(first / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
-    fresh = tmp_path / "fresh"  # F_new: the same estimate at the first run's weights, without --fisher
+    fresh = tmp_path / "fresh"  # F_new: the same estimate at the first run's weights, without --ewc.fisher
     train.main(tiny_args(str(first / "model"), tiny_data, fresh, "--method", "ewc", "--max-steps", "1", "--lr", "1e-12"))
     new = EWC.load(fresh / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
     online = tmp_path / "online"
     train.main(tiny_args(str(first / "model"), tiny_data, online, "--method", "ewc", "--max-steps", "1", "--lr", "1e-12",
-                         "--fisher", str(first / "ewc.safetensors"), "--ewc-gamma", "0.5"))
+                         "--ewc.fisher", str(first / "ewc.safetensors"), "--ewc.gamma", "0.5"))
     got = EWC.load(online / "ewc.safetensors", load_model(tiny_dir), lam=1.0)
     for f_old, f_new, f in zip(old.fisher, new.fisher, got.fisher):
         torch.testing.assert_close(f, 0.5 * f_old + f_new, rtol=1e-6, atol=0)
@@ -166,16 +183,16 @@ def test_ewc_dtype_bfloat16_keeps_the_fisher_and_anchor_in_bfloat16(tiny_dir, ti
     from safetensors import safe_open
 
     out = tmp_path / "bf16"
-    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "ewc", "--max-steps", "2", "--ewc-dtype", "bfloat16"))
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "ewc", "--max-steps", "2", "--ewc.dtype", "bfloat16"))
     with safe_open(out / "ewc.safetensors", framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert read_metrics(out)[1]["extra_loss"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ewc-gamma", "0.9"], "--ewc-gamma needs --fisher"),
-    (["--fisher", "x.safetensors", "--ewc-gamma", "1.5"], "--ewc-gamma must be in [0, 1]"),
-    (["--fisher", "missing.safetensors"], "--fisher missing.safetensors: file not found")])
+    (["--ewc.gamma", "0.9"], "--ewc.gamma needs --ewc.fisher"),
+    (["--ewc.fisher", "x.safetensors", "--ewc.gamma", "1.5"], "--ewc.gamma must be in [0, 1]"),
+    (["--ewc.fisher", "missing.safetensors"], "--ewc.fisher missing.safetensors: file not found")])
 def test_ewc_flags_are_checked_before_anything_runs(argv, message):
     with pytest.raises(ForgetlabError, match=re.escape(message)):
         train.parse_config(["--method", "ewc", *argv])
@@ -186,7 +203,7 @@ def test_ewc_state_dict_round_trips(tiny_dir, tiny_data):  # noqa: F811
     from data import load_dataset, tokenize_dataset
 
     model, tok = load_model(tiny_dir), Tokenizer.from_dir(tiny_dir)
-    cfg, method = train.parse_config(["--method", "ewc", "--fisher-samples", "4"])
+    cfg, method = train.parse_config(["--method", "ewc", "--ewc.fisher-samples", "4"])
     general, _ = tokenize_dataset(tok, load_dataset(tiny_data[1]), 256)
     method.setup(model, tok, cfg, general)
     state = {k: v.clone() for k, v in method.state_dict().items()}

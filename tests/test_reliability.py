@@ -386,7 +386,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bitwise_identical(tiny_dir, 
     """LoRA with dropout: the resumed run must restore the weights, AdamW's moments, the data position and the
     dropout RNG exactly, or the adapters differ in the last bits."""
     steps, kill_after = 10, 3
-    flags = ["--method", "lora", "--lora-dropout", "0.3", "--max-steps", str(steps), "--save-every", "1",
+    flags = ["--method", "lora", "--lora.dropout", "0.3", "--max-steps", str(steps), "--save-every", "1",
              "--warmup", "0.2", "--grad-accum", "2", "--batch-size", "2"]
     train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "a", *flags))
     out = tmp_path / "b"
@@ -507,7 +507,7 @@ def test_an_ewc_full_fine_tune_resumed_from_an_older_checkpoint_ends_bitwise_ide
                                                                                        tmp_path):  # noqa: F811
     """Full fine-tuning (every weight and its AdamW state in the checkpoint) with the EWC penalty (the method's
     Fisher and anchor restored); the newest checkpoint is damaged, so the resume starts from the one before."""
-    flags = ["--method", "ewc", "--max-steps", "4", "--save-every", "1", "--ewc-lambda", "50", "--lr", "1e-2"]
+    flags = ["--method", "ewc", "--max-steps", "4", "--save-every", "1", "--ewc.lambda", "50", "--lr", "1e-2"]
     train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "a", *flags))
     out = tmp_path / "b"
     train.main(tiny_args(tiny_dir, tiny_data, out, *flags))

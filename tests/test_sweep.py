@@ -14,17 +14,17 @@ except ImportError:
     HAVE_MATPLOTLIB = False
 
 
-def test_grid_applies_each_axis_only_to_the_methods_it_concerns():
-    runs = sweep.expand_grid(["full", "lora", "ewc", "replay"], [0, 1],
-                             dict(lr=["1e-4"], lora_r=["4", "16"], ewc_lambda=["10", "100", "1000"],
-                                  replay_fraction=None))
-    by_method = {m: [r for r in runs if r.method == m] for m in ("full", "lora", "ewc", "replay")}
-    assert [len(v) for v in by_method.values()] == [2, 4, 6, 2]
+def test_grid_applies_each_axis_only_to_the_methods_that_read_it():
+    methods = ["full", "lora", "ewc", "ewc-lora", "replay"]
+    axes = sweep.parse_grid(["lr=1e-4", "lora.r=4,16", "ewc.lambda=10,100,1000"], methods)
+    runs = sweep.expand_grid(methods, [0, 1], axes)
+    by_method = {m: [r for r in runs if r.method == m] for m in methods}
+    assert [len(v) for v in by_method.values()] == [2, 4, 6, 12, 2]  # ewc-lora reads lora.* and ewc.*
     assert by_method["full"][0].params == {"lr": "1e-4"}
     assert by_method["lora"][2].name == "lora-lr1e-4-r16-seed0"
-    assert by_method["lora"][2].params_label == "lr=1e-4,r=16"
+    assert by_method["lora"][2].params_label == "lr=1e-4,lora.r=16"
     assert by_method["ewc"][0].train_flags() == ["--method", "ewc", "--seed", "0", "--lr", "1e-4",
-                                                 "--ewc-lambda", "10"]
+                                                 "--ewc.lambda", "10"]
     assert len({r.name for r in runs}) == len(runs)
 
 
@@ -44,8 +44,12 @@ def fake_results(gain: float, forgetting: float) -> dict:
 def write_run(out, name, results, argv=None):
     (out / name).mkdir(parents=True)
     (out / name / "results.json").write_text(json.dumps(results))
-    if argv is not None:
-        (out / name / "sweep.json").write_text(json.dumps(dict(argv=argv, wall_s=70.0, peak_rss_mb=512.0)))
+    if argv is not None:  # the record run_all writes: the grid point, then the train.py flags
+        value = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+        params = {"lr": value("--lr")} if "--lr" in argv else {}
+        record = dict(method=value("--method"), params=params, seed=int(value("--seed")), argv=argv, wall_s=70.0,
+                      peak_rss_mb=512.0)
+        (out / name / "sweep.json").write_text(json.dumps(record))
 
 
 def refuse_to_train(*args, **kwargs):
@@ -59,12 +63,12 @@ def test_finished_runs_are_skipped_and_summarised_as_mean_and_interval_over_seed
                   ["--method", "full", "--seed", str(seed), "--out", str(tmp_path / f"full-seed{seed}")])
     write_run(tmp_path, "ewc-lambda100-seed0", fake_results(0.2, 0.01))  # no sweep.json: made by hand
     write_run(tmp_path, "ewc-lambda100-seed1", fake_results(0.3, 0.03))
-    sweep.main(["--methods", "full,ewc", "--seeds", "0,1", "--ewc-lambda", "100", "--out", str(tmp_path)])
+    sweep.main(["--methods", "full,ewc", "--seeds", "0,1", "--grid", "ewc.lambda=100", "--out", str(tmp_path)])
 
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert list(rows[0]) == sweep.COLUMNS
     assert [(r["method"], r["params"], r["seed"]) for r in rows] == [
-        ("full", "", "0"), ("full", "", "1"), ("ewc", "lambda=100", "0"), ("ewc", "lambda=100", "1")]
+        ("full", "", "0"), ("full", "", "1"), ("ewc", "ewc.lambda=100", "0"), ("ewc", "ewc.lambda=100", "1")]
     assert float(rows[1]["recall_gain"]) == pytest.approx(0.6)
     assert float(rows[1]["unseen_gain"]) == pytest.approx(0.1)
     assert float(rows[1]["forgetting"]) == pytest.approx(0.3)
@@ -82,7 +86,7 @@ def test_finished_runs_are_skipped_and_summarised_as_mean_and_interval_over_seed
     # mean 0.5, sample std 0.2/sqrt(2), t(0.975, 1 df) = 12.706: 0.5 ± 12.706 * 0.1414 / sqrt(2) = 0.5 ± 1.2706
     assert col["recall_gain"] == "0.5000 [-0.7706, 1.7706]"
     assert col["instructions"] == "0.750 [0.750, 0.750]"
-    assert "| ewc | lambda=100 | 2 |" in md
+    assert "| ewc | ewc.lambda=100 | 2 |" in md
     assert (tmp_path / "sweep.png").is_file() == HAVE_MATPLOTLIB
     if not HAVE_MATPLOTLIB:
         assert "matplotlib is not installed" in capsys.readouterr().err
@@ -125,8 +129,10 @@ def test_failed_run_is_reported_after_the_others_are_tabulated(tmp_path, monkeyp
 def test_bad_grid_arguments_fail_before_any_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_train", refuse_to_train)
     for argv, message in [(["--methods", "full,nope"], "nope"),
-                          (["--ewc-lambda", "1,x"], "'x' is not a number"),
-                          (["--lora-r", "4.5"], "'4.5' is not an integer"),
+                          (["--grid", "ewc.lambda=1,x"], "'x' is not a number"),
+                          (["--grid", "lora.r=4.5"], "'4.5' is not an integer"),
+                          (["--grid", "kl.beta=1"], "KEY one of"),  # no method of the grid reads it
+                          (["--grid", "lr"], "expected KEY=V1,V2"),
                           (["--seed", "3"], "--seed is set by the sweep")]:
         with pytest.raises(ForgetlabError, match=message):
             sweep.main([*argv, "--out", str(tmp_path)])

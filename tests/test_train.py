@@ -94,6 +94,35 @@ def test_help_explains_every_flag_with_its_default(capsys):
                  "--grad-ckpt"):
         assert flag in text, flag
     assert "(default: 256)" in text and "(default: full)" in text
+    for method in ("lora", "ewc", "l2-init", "freeze", "wise-ft", "mofo", "kl", "self-replay"):  # its own group
+        assert f"{method} options:" in text, method
+    for flag in ("--lora.r INT", "--ewc.lambda FLOAT", "--ewc.fisher-samples INT", "--l2-init.lambda FLOAT",
+                 "--freeze.layers INT", "--wise-ft.alphas STR", "--mofo.fraction FLOAT", "--kl.beta FLOAT",
+                 "--kl.lora", "--self-replay.max-new-tokens INT"):
+        assert flag in text, flag
+    assert "(reads lora.*, ewc.*)" in text  # ewc-lora: the groups it shares
+    assert "--fisher-samples" not in text and "--ewc-lambda" not in text  # the old global spellings are gone
+
+
+def test_method_options_are_parsed_checked_and_belong_to_their_method():
+    _, method = train.parse_config(["--method", "ewc", "--ewc.lambda", "3", "--ewc.fisher-normalize", "max"])
+    assert (method.options.lambda_, method.options.fisher_normalize, method.options.fisher_samples) == (3.0, "max", 64)
+    _, method = train.parse_config(["--method", "ewc-lora", "--ewc.lambda", "3", "--lora.r", "4"])
+    assert method.groups["ewc"].lambda_ == 3.0 and method.groups["lora"].r == 4  # groups shared with ewc and lora
+    assert method.option_values()["lora.r"] == 4 and method.option_values()["ewc.lambda"] == 3.0
+    message = "--ewc.lambda: not an option of --method lora (it reads: lora)"
+    with pytest.raises(ForgetlabError, match=re.escape(message)):
+        train.parse_config(["--method", "lora", "--ewc.lambda", "3"])
+    with pytest.raises(ForgetlabError, match=re.escape("--lora.r must be >= 1")):
+        train.parse_config(["--method", "lora", "--lora.r", "0"])
+    with pytest.raises(ForgetlabError, match="invalid choice"):
+        train.parse_config(["--method", "kl", "--kl.data", "web"])
+
+
+def test_the_old_global_spellings_of_method_options_are_unknown_flags():
+    for old in ("--ewc-lambda", "--fisher-samples", "--lora-r"):
+        with pytest.raises(ForgetlabError, match=f"unrecognized arguments: {old}"):
+            train.parse_config(["--method", "ewc", old, "7"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -110,16 +139,22 @@ def test_bad_arguments_are_one_line_errors(argv, message):
 
 # ----------------------------------------------------------------------------- whole runs on a tiny model
 
-@pytest.mark.parametrize("method", ["full", "lora", "ewc", "replay", "safe", "risky"])
+OPTIONS_FOR_TINY = {"freeze": ["--freeze.layers", "1"], "self-replay": ["--self-replay.max-new-tokens", "4"]}
+
+
+@pytest.mark.parametrize("method", list(train.REGISTRY))
 def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, tiny_data, tmp_path, method):
     out = tmp_path / "run"
-    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3"))
+    extra = OPTIONS_FOR_TINY.get(method, []) + (["--self-replay.cache", str(tmp_path / "cache")]
+                                                 if method == "self-replay" else [])
+    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3", *extra))
     files = sorted(p.name for p in out.iterdir())
-    saved = "adapter" if method == "lora" else "model"
+    saved = "adapter" if method in ("lora", "ewc-lora") else "model"
     assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved]
                            + (["ewc.safetensors"] if method == "ewc" else []))
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["total_steps"] == 3
+    assert set(train.option_keys(train.REGISTRY[method])) <= set(config)  # every option of the method, recorded
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) and m["tokens_per_second"] > 0 for m in metrics)
@@ -129,7 +164,7 @@ def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, 
         assert metrics[0]["extra_loss"] == 0.0 and metrics[2]["extra_loss"] > 0
     if method == "replay":
         assert results["training"]["replay_examples"] == int(len(DOMAIN) * 0.15)
-    if method == "lora":
+    if method in ("lora", "ewc-lora"):
         assert (out / "adapter" / "adapter_config.json").is_file()
         assert results["training"]["trainable_params"] < results["training"]["total_params"] / 10
     else:
@@ -207,3 +242,21 @@ def test_an_existing_non_empty_output_directory_is_refused(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ForgetlabError, match="already exists"):
         train.parse_config(["--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("method, option", [("l2-init", ["--l2-init.lambda", "50"]),
+                                            ("mofo", ["--mofo.fraction", "0.3"]), ("kl", ["--kl.beta", "5"])])
+def test_resume_restores_the_method_options_and_ends_bit_for_bit_where_one_run_ends(tiny_dir, tiny_data, tmp_path,
+                                                                                  method, option):
+    common = ["--method", method, "--lr", "1e-2", "--save-every", "1"]
+    train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "whole", *common, *option, "--max-steps", "4"))
+    part = tmp_path / "part"
+    train.main(tiny_args(tiny_dir, tiny_data, part, *common, *option, "--max-steps", "2"))
+    with pytest.raises(ForgetlabError, match=re.escape(f"--resume: {option[0]} is")):
+        train.parse_config(tiny_args(tiny_dir, tiny_data, part, *common, option[0], "1", "--max-steps", "4",
+                                     "--resume"))
+    train.main(tiny_args(tiny_dir, tiny_data, part, *common, "--max-steps", "4", "--resume"))  # option not typed
+    config = json.loads((part / "config.json").read_text())
+    assert config[option[0][2:]] == float(option[1])
+    whole, resumed = load_model(tmp_path / "whole" / "model").state_dict(), load_model(part / "model").state_dict()
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)

@@ -41,11 +41,17 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def fisher_samples(extra) -> list[str]:
+    """8 Fisher examples for the methods that estimate one (an option of another method is an error)."""
+    method = extra[list(extra).index("--method") + 1] if "--method" in extra else "full"
+    return ["--ewc.fisher-samples", "8"] if method in ("ewc", "ewc-lora") else []
+
+
 def tiny_args(tiny_dir, tiny_data, out, *extra):
     """train.py flags for the tiny_dir model on the tiny_data sets (conftest fixtures), without evaluation."""
     domain, general = tiny_data
     return ["--model", tiny_dir, "--data", domain, "--general-data", general, "--out", str(out),
-            "--eval", "none", "--batch-size", "4", "--fisher-samples", "8", *extra]
+            "--eval", "none", "--batch-size", "4", *fisher_samples(extra), *extra]
 
 
 def read_metrics(out):
