@@ -609,12 +609,15 @@ def compare_forgetting(before: dict, after: dict) -> dict:
 
 
 def summary_sentence(forgot: list[str], improved: list[str], rows: list[dict]) -> str:
+    """One line: what got worse, what got better (each judged by its paired interval), or neither."""
     if not rows:
         return "No task was evaluated on both sides: nothing to compare."
+    better = f" Improved: {', '.join(improved)}." if improved else ""
     if forgot:
-        return (f"Forgetting detected (95% interval of the paired difference excludes zero) on: {', '.join(forgot)}. "
-                "Mitigations: LoRA, a lower learning rate, fewer epochs, replay of general data, EWC.")
-    return "No detectable forgetting: every general metric's interval of change includes zero or shows improvement."
+        return (f"Forgetting detected (the 95% interval of the paired difference excludes zero) on: "
+                f"{', '.join(forgot)}.{better} Mitigations: LoRA, a lower learning rate, fewer epochs, replay of "
+                "general data, EWC.")
+    return f"No detectable forgetting: no metric's interval of change lies on the worse side of zero.{better}"
 
 
 def format_report(comparison: dict, title: str = "Forgetting report") -> str:

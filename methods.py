@@ -364,10 +364,14 @@ def estimate_general_fisher(model, tok, cfg, o, general_examples) -> dict:
     with the ewc.* estimator and normalization `o`."""
     from data import batches_by_length
 
+    import distributed
+
     # the "batch" estimator squares each batch's mean gradient, so its value depends on the batch size
     batches = batches_by_length(general_examples[:o.fisher_samples], cfg.batch_size, tok.pad_id, seed=cfg.seed)
-    return estimate_fisher(model, batches, estimator=o.fisher_estimator, normalize=o.fisher_normalize,
-                           progress=True, seed=cfg.seed)
+    # under torchrun each rank sums its own rows of every batch and the sums are all-reduced (distributed.py)
+    return estimate_fisher(model, distributed.fisher_share(batches), estimator=o.fisher_estimator,
+                           normalize=o.fisher_normalize, progress=distributed.is_main(), seed=cfg.seed,
+                           all_ranks=True)
 
 
 @register("replay")

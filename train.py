@@ -6,6 +6,7 @@
     python train.py --method-file my_method.py --method l1-init
     python train.py --method lora --out runs/a --save-every 50        # killed? run it again with --resume:
     python train.py --method lora --out runs/a --save-every 50 --resume
+    torchrun --nproc_per_node 8 train.py --method ewc --fsdp     # several GPUs: DDP, or FSDP2 with --fsdp
 
 The run: evaluate general capability -> method setup (e.g. Fisher on general data) -> fine-tune on --data ->
 method finish -> evaluate again -> write the forgetting report; `main` at the bottom reads as these phases. The
@@ -28,6 +29,10 @@ CPU, as one never interrupted (the data order is a function of (seed, epoch), an
 and RNG states are restored). A non-finite loss or gradient stops the run with the step and the cause, leaving
 the last checkpoint intact (--skip-nonfinite N skips up to N such batches instead). Outputs are written to a
 temporary name and renamed, so Ctrl-C never leaves a half-written file.
+
+Several processes (torchrun, see distributed.py): --batch-size is the global micro-batch, each rank trains on
+its own rows of it, and the per-step losses are those of one process; rank 0 evaluates and writes every output,
+config.json records world_size, backend and fsdp.
 """
 import argparse
 import contextlib
@@ -48,6 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 from data import batches_by_length, create_replay_dataset, load_dataset, tokenize_dataset
 from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
 from eval import compare_forgetting, evaluate, format_report
@@ -100,6 +106,10 @@ class TrainConfig:
     device: str = arg("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     compile: bool = arg(False, "torch.compile the model for training")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
+    fsdp: bool = arg(False, "under torchrun: shard weights, gradients, optimizer and EWC state over the ranks with "
+                            "FSDP2 (fully_shard) instead of replicating them with DDP (see distributed.py)")
+    backend: str = arg("auto", "torch.distributed backend under torchrun: auto = nccl on CUDA, gloo on CPU",
+                       choices=("auto", "gloo", "nccl"))
     save_every: int = arg(0, "write a resumable checkpoint to <out>/checkpoints every N optimizer steps and at the "
                              "last one (the newest 2 are kept); 0 = off")
     resume: bool = arg(False, "continue the run in --out from its newest readable checkpoint; give the run's "
@@ -112,7 +122,7 @@ class TrainConfig:
 
 # Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
 RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_batch_size", "save_every", "skip_nonfinite",
-                     "device", "compile")
+                     "device", "compile", "backend")
 
 
 # Flags that method options replaced, spelled the old way: still accepted (hidden from --help) so that scripts and
@@ -258,20 +268,25 @@ def count_targets(batch) -> int:
 def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches so the gradient equals that of one big batch: each
     micro-batch's mean loss is weighted by its share of the step's labelled tokens (a plain 1/grad_accum would
-    overweight short batches). Returns (the step's mean loss, the non-pad tokens processed)."""
-    n_total = sum(count_targets(b) for b in micro_batches)
+    overweight short batches). Returns (the step's mean loss, the non-pad tokens processed).
+
+    Under torchrun the micro-batches are the global ones and each rank backpropagates its own rows
+    (distributed.rank_slice), weighted so that the gradients DDP / FSDP2 average over the ranks are the
+    single-process ones (distributed.loss_weight; 1 process: n / n_total); gradients are synchronized once, on
+    the last micro-batch."""
+    n_total = sum(count_targets(b) for b in micro_batches)  # global: every rank holds the global batches
+    active = [b for b in micro_batches if count_targets(b) > 0]
     loss_sum, tokens = 0.0, 0
-    for b in micro_batches:
-        n = count_targets(b)
-        if n == 0:
-            continue
-        with autocast:
-            loss = forward(b["input_ids"].to(device), labels=b["labels"].to(device),
-                           attention_mask=b["attention_mask"].to(device))
-        (loss * (n / n_total)).backward()
-        loss_sum += loss.item() * n
+    for i, b in enumerate(active):
+        part = distributed.rank_slice(b)
+        with distributed.gradient_sync(forward, enabled=i == len(active) - 1):
+            with autocast:
+                loss = forward(part["input_ids"].to(device), labels=part["labels"].to(device),
+                               attention_mask=part["attention_mask"].to(device))
+            (loss * distributed.loss_weight(part, n_total)).backward()
+        loss_sum += loss.item() * distributed.local_targets(part)
         tokens += int(b["attention_mask"].sum())
-    return loss_sum / max(1, n_total), tokens
+    return distributed.all_reduce_sum(loss_sum) / max(1, n_total), tokens
 
 
 def micro_batch_stream(examples, cfg, pad_id, start: int = 0):
@@ -318,7 +333,8 @@ def skip_or_stop(step: int, cause: str, run: Progress, cfg):
 
 def write_checkpoint(out: Path, model, optimizer, method, run: Progress, data, epoch: int, config: dict) -> Path:
     """A resumable checkpoint of the state after step run.step (see train_state.py), never of a poisoned model."""
-    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+    finite = all(torch.isfinite(distributed.local(p)).all() for p in model.parameters() if p.requires_grad)
+    if distributed.all_reduce_sum(int(not finite)):  # every rank stops, whichever holds the bad shard
         raise ForgetlabError(f"step {run.step}: non-finite weights after the update: training stopped; "
                              f"{checkpoint_note(run.checkpoint)}; lower --lr")
     counters = dict(tokens=run.tokens, skipped=run.skipped, loss=run.loss, examples=len(data.train_set),
@@ -430,9 +446,10 @@ def load_inputs(cfg, method, device) -> tuple:
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = int(math.ceil(cfg.warmup * total_steps))
-    print(f"{len(domain)} domain examples ({n_trunc} truncated to {cfg.max_len} tokens), "
-          f"{len(train_set) - len(domain)} replay; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}",
-          file=sys.stderr)
+    if distributed.is_main():
+        print(f"{len(domain)} domain examples ({n_trunc} truncated to {cfg.max_len} tokens), "
+              f"{len(train_set) - len(domain)} replay; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}",
+              file=sys.stderr)
     return model, tok, Data(train_set, replayed, general, len(domain), n_trunc, n_trunc_general, steps_per_epoch,
                             total_steps, warmup_steps)
 
@@ -446,8 +463,10 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
     t0, tokens_before = time.time(), run.tokens
     model.train()
-    bar = tqdm(total=data.total_steps, initial=run.step, desc=f"train {method.name}", unit="step")
-    with open(out / "metrics.jsonl", "a") as log, bar:
+    main_rank = distributed.is_main()  # the one that logs
+    bar = tqdm(total=data.total_steps, initial=run.step, desc=f"train {method.name}", unit="step",
+               disable=not main_rank)
+    with open(out / "metrics.jsonl", "a") if main_rank else contextlib.nullcontext() as log, bar:
         for step in range(run.step, data.total_steps):
             lr = get_lr(step, cfg.lr, data.warmup_steps, data.total_steps, cfg.schedule)
             for g in optimizer.param_groups:
@@ -457,7 +476,7 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
             extra = method.extra_loss(model, step)
             if extra is not None and extra.requires_grad:  # else the method added its gradient to .grad itself
                 extra.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm, error_if_nonfinite=False))
+            grad_norm = distributed.clip_grad_norm_(trainable, max_norm)  # over every rank's shards
             cause = nonfinite_cause(loss, extra, grad_norm)
             if cause is None:
                 optimizer.step()
@@ -473,8 +492,9 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
                 record["extra_loss"] = float(extra.detach())
             if cause is not None:
                 record["skipped"] = cause
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if main_rank:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if cfg.save_every and (run.step % cfg.save_every == 0 or run.step == data.total_steps):
                 run.checkpoint = write_checkpoint(out, model, optimizer, method, run, data, epoch, config)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
@@ -514,45 +534,116 @@ def timed(seconds: dict, phase: str):
     seconds[phase] = time.time() - t
 
 
+def start(cfg, method) -> tuple[str, str | None, Path]:
+    """Join the process group under torchrun (gloo on CPU, NCCL on CUDA: this rank's GPU; alone, nothing changes),
+    check what distribution asks of the flags, and fix the output directory (rank 0's timestamp, if it is one)."""
+    device, backend = distributed.init(resolve_device(cfg.device), cfg.fsdp, cfg.backend)
+    distributed.check_batch_size(cfg.batch_size)
+    if cfg.fsdp:
+        distributed.check_fsdp_method(method.name)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return device, backend, Path(distributed.broadcast_object(str(output_dir(cfg, method))))
+
+
+def evaluate_before(model, tok, cfg):
+    """Resuming: what the run measured before (before.json); else rank 0 evaluates while the others wait."""
+    before = read_before(cfg) if cfg.resume else None
+    if before is None and distributed.is_main():
+        before = run_eval(model, tok, cfg, "before")
+    return distributed.broadcast_object(before)
+
+
+def set_up_method(method, model, tok, cfg, data: Data):
+    """The method sees the untouched model (e.g. a Fisher estimate), may rewrite the replayed examples (e.g.
+    self-replay: the base model's own answers), then decides what trains. Returns (trainable, all) parameters."""
+    method.setup(model, tok, cfg, data.general)
+    if data.replayed:
+        replay = method.replay_examples(model, tok, cfg, [data.train_set[i] for i in data.replayed])
+        for i, example in zip(data.replayed, replay, strict=True):
+            data.train_set[i] = example
+    method.configure(model)
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+
+
+def write_config(cfg, method, device: str, backend, data: Data, out: Path, before) -> dict:
+    """config.json (every resolved flag and option, and how the run was made) and before.json, from rank 0."""
+    config = {**dataclasses.asdict(cfg), **method.option_values(), "device": device,
+              "total_steps": data.total_steps, "warmup_steps": data.warmup_steps,
+              "world_size": distributed.world_size(), "backend": backend}
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic_text(out / "config.json", json.dumps(config, indent=2))  # on --resume: the flags now in force
+        if before is not None:
+            write_atomic_text(out / BEFORE_JSON, json.dumps(dict(eval=cfg.eval, results=before)))
+    distributed.barrier()  # --out exists before any rank writes a checkpoint into it
+    return config
+
+
+def prepare_training(cfg, model, method, device: str):
+    """(forward, optimizer, twin). Several processes: DDP around the model, or FSDP2 sharding it in place; then
+    the method's per-parameter state (EWC's F and θ*) is sharded like the parameters, and a meta-device twin
+    will receive the gathered weights for saving and evaluating."""
+    model.gradient_checkpointing = cfg.grad_ckpt
+    twin = distributed.meta_twin(model) if cfg.fsdp else None
+    forward = distributed.wrap(model, cfg.fsdp, device)
+    if cfg.fsdp:
+        distributed.shard_method_state(method, model)
+    forward = torch.compile(forward) if cfg.compile else forward  # hooks keep the raw model (its parameter names)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.split(":")[0],
+                                     method)
+    return forward, optimizer, twin
+
+
+def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: str, seconds: dict):
+    """Save the model or adapter, then evaluate it and each of the method's variants (e.g. WiSE-FT's alphas).
+    Several processes: rank 0 works on the whole model (FSDP2's shards gathered) while the others wait."""
+    with timed(seconds, "save"):
+        final = distributed.gathered(model, twin)
+        if distributed.is_main():
+            final = final.to(device)
+            save_outputs(final, tok, cfg, out)
+        method.save(out)  # on every rank: a sharded state is gathered first (EWC writes from rank 0)
+    after, variants = None, {}
+    with timed(seconds, "eval_after"):
+        if distributed.is_main():
+            after = run_eval(final, tok, cfg, "after")
+            for label, apply in method.variants(final).items():  # after the save: the saved model is the final one
+                apply()
+                variants[label] = run_eval(final, tok, cfg, f"after, {label}")
+        distributed.barrier()
+    return after, variants
+
+
+def run_summary(method, counts: tuple, data: Data, run: Progress, seconds: dict, tokens_now: int,
+                t_start: float) -> dict:
+    return dict(method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
+                examples=len(data.train_set), replay_examples=len(data.train_set) - data.n_domain,
+                truncated=data.truncated, truncated_general=data.truncated_general, tokens=run.tokens,
+                train_seconds=seconds["train"], tokens_per_second=tokens_now / max(seconds["train"], 1e-9),
+                final_loss=run.loss, trainable_params=counts[0], total_params=counts[1], seconds=seconds,
+                total_seconds=time.time() - t_start)
+
+
 def main(argv=None):
     t_start = time.time()
     cfg, method = parse_config(argv)  # flags, --method-file, and --resume's run directory, all checked
-    device = resolve_device(cfg.device)
-    out = output_dir(cfg, method)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    device, backend, out = start(cfg, method)
 
     # -- load: every input is checked here, before the first slow step (the "before" evaluation)
     model, tok, data = load_inputs(cfg, method, device)
     method.check(model, cfg)  # the method's own inputs, e.g. EWC's --fisher file against this model
     seconds = dict(load=time.time() - t_start)
 
-    # -- before: evaluate (resuming: read back what the run measured), then let the method see the untouched model
+    # -- before: evaluate the base model, then let the method set itself up on it
     with timed(seconds, "eval_before"):
-        before = read_before(cfg) if cfg.resume else None
-        if before is None:
-            before = run_eval(model, tok, cfg, "before")
+        before = evaluate_before(model, tok, cfg)
     with timed(seconds, "setup"):
-        method.setup(model, tok, cfg, data.general)
-        if data.replayed:  # e.g. self-replay: the base model's own answers in place of the general data's
-            replay = method.replay_examples(model, tok, cfg, [data.train_set[i] for i in data.replayed])
-            for i, example in zip(data.replayed, replay, strict=True):
-                data.train_set[i] = example
-        method.configure(model)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    out.mkdir(parents=True, exist_ok=True)
-    config = {**dataclasses.asdict(cfg), **method.option_values(), "device": device,
-              "total_steps": data.total_steps, "warmup_steps": data.warmup_steps}
-    write_atomic_text(out / "config.json", json.dumps(config, indent=2))  # on --resume: the flags now in force
-    if before is not None:
-        write_atomic_text(out / BEFORE_JSON, json.dumps(dict(eval=cfg.eval, results=before)))
+        counts = set_up_method(method, model, tok, cfg, data)
+    config = write_config(cfg, method, device, backend, data, out, before)
 
     # -- train (resuming: from the newest checkpoint, whose RNG states resume() restores: nothing may draw after it)
-    model.gradient_checkpointing = cfg.grad_ckpt
-    forward = torch.compile(model) if cfg.compile else model  # hooks keep the raw model (its parameter names)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.split(":")[0],
-                                     method)
+    forward, optimizer, twin = prepare_training(cfg, model, method, device)
     run = Progress()
     if cfg.resume:
         run = resume(out, model, optimizer, method, len(data.train_set), data.total_steps, out / "metrics.jsonl")
@@ -562,21 +653,10 @@ def main(argv=None):
     model.eval()
 
     # -- save, evaluate again, report
-    with timed(seconds, "save"):
-        save_outputs(model, tok, cfg, out)
-        method.save(out)
-    with timed(seconds, "eval_after"):
-        after = run_eval(model, tok, cfg, "after")
-        variants = {}
-        for label, apply in method.variants(model).items():  # after the save: the saved model is the final one
-            apply()
-            variants[label] = run_eval(model, tok, cfg, f"after, {label}")
-    summary = dict(method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
-                   examples=len(data.train_set), replay_examples=len(data.train_set) - data.n_domain,
-                   truncated=data.truncated, truncated_general=data.truncated_general, tokens=run.tokens,
-                   train_seconds=seconds["train"], tokens_per_second=tokens_now / max(seconds["train"], 1e-9),
-                   final_loss=run.loss, trainable_params=n_trainable, total_params=n_total, seconds=seconds,
-                   total_seconds=time.time() - t_start)
+    after, variants = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
+    if not distributed.is_main():
+        return None
+    summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start)
     return write_results(out, method, before, after, summary, variants if before is not None else None)
 
 

@@ -16,6 +16,9 @@ A checkpoint is written into step-<N>.tmp/, each file fsynced, then renamed to s
 directory fsynced: a crash or a SIGKILL at any point leaves either the complete new checkpoint or none, and
 the older ones untouched. The newest `keep` are kept. `find_latest` returns the newest that reads back
 completely, skipping (with a warning) one that does not.
+
+Under torchrun (several processes, distributed.py) the state is written with torch.distributed.checkpoint
+instead, each rank its own shards: see `save_sharded_checkpoint` at the end.
 """
 import json
 import os
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+import distributed
 from errors import ForgetlabError, check_names, read_json_object
 from model.checkpoint import read_safetensors, write_atomic_text
 
@@ -125,6 +129,8 @@ def fsync_dir(path: Path):
 def save_checkpoint(out, step: int, model, optimizer, method, progress: dict, config: dict, keep: int = 2) -> Path:
     """Write <out>/checkpoints/step-<step>/ atomically and delete all but the newest `keep` checkpoints.
     `progress`: JSON-able run counters (data position, tokens, skipped batches) restored by the caller."""
+    if distributed.world_size() > 1:
+        return save_sharded_checkpoint(out, step, model, optimizer, method, progress, config, keep)
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
@@ -192,9 +198,10 @@ def find_latest(out) -> tuple[Path, dict, dict] | None:
     """(path, state.json, tensors) of the newest checkpoint under <out> that reads back completely, None if
     there is none at all. Unreadable ones are skipped with a warning; ForgetlabError if every one is."""
     errors = []
+    read = read_sharded_checkpoint if distributed.world_size() > 1 else read_checkpoint
     for _, path in reversed(step_dirs(out)):
         try:
-            meta, tensors = read_checkpoint(path)
+            meta, tensors = read(path)
         except ForgetlabError as e:
             print(f"warning: skipping checkpoint {path}: {e}", file=sys.stderr)
             errors.append(str(e))
@@ -251,9 +258,11 @@ def resume(out, model, optimizer, method, examples: int, total_steps: int, metri
     the optimizer's creation), cuts the `metrics` log back to the checkpoint's step and restores the RNG states:
     call it right before the loop, since whatever draws a random number after it changes the run."""
     found = find_latest(out)
+    main = distributed.is_main()  # the one that prints and owns metrics.jsonl
     if found is None:
-        print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
-        trim_metrics(metrics, 0)
+        if main:
+            print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
+            trim_metrics(metrics, 0)
         return Progress()
     path, meta, tensors = found
     counters = meta["progress"]
@@ -264,9 +273,13 @@ def resume(out, model, optimizer, method, examples: int, total_steps: int, metri
                              f"{path} was trained on {counters['examples']} (data changed?)")
     if meta["step"] > total_steps:
         raise ForgetlabError(f"--resume: {path} is at step {meta['step']}, past the {total_steps} steps asked")
-    apply_checkpoint(path, meta, tensors, model, optimizer, method)
-    print(f"resuming from {path} (step {meta['step']} of {total_steps})", file=sys.stderr)
-    trim_metrics(metrics, meta["step"])
+    if distributed.world_size() > 1:
+        apply_sharded_checkpoint(path, meta, model, optimizer, method)
+    else:
+        apply_checkpoint(path, meta, tensors, model, optimizer, method)
+    if main:
+        print(f"resuming from {path} (step {meta['step']} of {total_steps})", file=sys.stderr)
+        trim_metrics(metrics, meta["step"])
     restore_rng(meta["rng"], tensors)  # last: nothing above draws from the restored generators
     return Progress(meta["step"], counters["tokens"], counters["skipped"], counters["loss"], path)
 
@@ -283,3 +296,114 @@ def trim_metrics(path: Path, step: int):
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut short by the kill: nothing after it is kept
     write_atomic_text(path, "".join(kept))
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# Under torchrun (distributed.py) one checkpoint directory serves every rank:
+#     dcp/                    weights (trainable only), optimizer and method state, written by
+#                             torch.distributed.checkpoint: each rank its own shards under FSDP2, DDP's replicated
+#                             tensors once
+#     rng-<rank>.safetensors  each rank's torch generators, its Python and NumPy states in the metadata
+#     state.json              as above, plus world_size, and the byte size of every file (a truncated one is seen)
+# A run resumes on as many ranks as wrote the checkpoint: the rows each rank trains on depend on the count.
+DCP_DIR = "dcp"
+
+
+def sharded_state(model, optimizer, method) -> dict:
+    """What DCP saves and loads in place: {"model", "optimizer", "method"} keyed by parameter name, DTensors
+    under FSDP2. Frozen weights are left out (a LoRA run's base model is the checkpoint it started from)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_sd, "optimizer": optim_sd, "method": method.state_dict()}
+
+
+def save_sharded_checkpoint(out, step: int, model, optimizer, method, progress: dict, config: dict,
+                            keep: int = 2) -> Path:
+    """`save_checkpoint` on several ranks (every rank calls it): written into step-<N>.tmp/, renamed by rank 0
+    once every rank has finished its part, as atomic as the single-process one."""
+    import torch.distributed.checkpoint as dcp
+    rank, main = distributed.rank(), distributed.is_main()
+    root = checkpoint_dir(out)
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    distributed.barrier()
+    try:
+        dcp.save(sharded_state(model, optimizer, method), checkpoint_id=str(tmp / DCP_DIR))
+        rng_meta, rng_tensors = capture_rng()
+        rng_file = tmp / f"rng-{rank}.safetensors"
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, rng_file,
+                  metadata={"format": "pt", "rng": json.dumps(rng_meta)})
+        with open(rng_file, "rb") as fh:
+            os.fsync(fh.fileno())
+        distributed.barrier()
+        if main:
+            sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            meta = dict(version=FORMAT_VERSION, step=step, progress=progress, world_size=distributed.world_size(),
+                        optimizer_params=[n for n, p in model.named_parameters() if p.requires_grad],
+                        config=config, sizes=sizes)
+            (tmp / STATE_JSON).write_text(json.dumps(meta))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            fsync_dir(tmp / DCP_DIR)
+            fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            for _, old in step_dirs(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    distributed.barrier()
+    return final
+
+
+def read_sharded_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json, this rank's RNG tensors) of a `save_sharded_checkpoint` directory, every file checked
+    against the sizes state.json recorded; ForgetlabError naming the file otherwise."""
+    path = Path(path)
+    meta_file = path / STATE_JSON
+    if not meta_file.is_file():
+        raise ForgetlabError(f"{meta_file}: checkpoint file missing")
+    meta = read_json_object(meta_file, "checkpoint metadata")
+    if any(k not in meta for k in ("version", "step", "progress", "world_size", "sizes", "config")):
+        raise ForgetlabError(f"{meta_file}: not a training checkpoint of a torchrun run")
+    if meta["version"] != FORMAT_VERSION:
+        raise ForgetlabError(f"{meta_file}: checkpoint format {meta['version']}, this code reads {FORMAT_VERSION}")
+    if meta["world_size"] != distributed.world_size():
+        raise ForgetlabError(f"{path}: written by {meta['world_size']} ranks, resumed on {distributed.world_size()}: "
+                             f"resume with the same number of processes")
+    for name, size in meta["sizes"].items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise ForgetlabError(f"{f}: truncated or missing ({size} bytes were written)")
+    tensors, file_meta = read_safetensors(path / f"rng-{distributed.rank()}.safetensors")
+    meta["rng"] = json.loads(file_meta["rng"])
+    return meta, tensors
+
+
+def apply_sharded_checkpoint(path, meta: dict, model, optimizer, method):
+    """Load a `save_sharded_checkpoint` into the run, in place, each rank its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    if meta["optimizer_params"] != [n for n, p in model.named_parameters() if p.requires_grad]:
+        raise ForgetlabError(f"{path}: the checkpoint was saved for other trainable parameters")
+    state = sharded_state(model, optimizer, method)
+    try:
+        dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
+    except Exception as e:  # DCP reports a missing or mis-shaped key as a CheckpointException
+        raise ForgetlabError(f"{path}: does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # strict=False: the frozen weights are not in the checkpoint (DCP's load above already failed on any
+    # trainable tensor or optimizer state the checkpoint lacks)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    if state["method"]:
+        method.load_state_dict(state["method"])
