@@ -99,9 +99,9 @@ def make_task(task: str, n: int, generator: torch.Generator):
 
 @dataclass
 class ToyConfig:
-    n_train: int = 256
-    n_test: int = 1024
-    lr_a: float = 0.01
+    n_train: int = 256  # training points of each task
+    n_test: int = 1024  # held-out points of each task, for the losses in the table
+    lr_a: float = 0.01  # task A is learnt first, to convergence
     epochs_a: int = 300
     lr_b: float = 0.01  # "aggressive": a high learning rate (Adam) ...
     epochs_b: int = 300  # ... for many epochs
