@@ -423,6 +423,10 @@ LEVELS = {
     "full": {"general_qa": None, "instructions": None, "ppl": None, "domain_recall": None, "domain_unseen": None,
              "arc_easy": 200, "lambada": 200},
     "quick": {"general_qa": 64, "ppl": 32, "domain_recall": 32, "domain_unseen": 32},
+    # the study (scripts/sweep.py --protocol): run with split "all", so that one evaluation gives the dev half
+    # that settings are chosen on and the test half that is reported
+    "study": {"general_qa": 200, "ppl": None, "domain_recall": None, "domain_unseen": None,
+              "arc_easy": 300, "lambada": 300},
 }
 
 
@@ -531,6 +535,8 @@ def evaluate(model, tok, tasks=None, level: str = "full", limit: int | dict | No
         n_limit = limit.get(name) if isinstance(limit, dict) else limit
         rows = load_task_rows(name, path, split, n_limit)
         items, extra = task.score(model, tok, rows, opts)
+        for row, item in zip(rows, items, strict=True):
+            item["split"] = row_split(row)  # so that a split="all" evaluation can be summarized per split
         res = dict(**summarize(task, items), n=len(items), **extra, data=str(path), split=split, limit=n_limit,
                    items=items, seconds=round(time.perf_counter() - t0, 2))
         results[name] = res

@@ -62,6 +62,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import random
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -360,14 +361,16 @@ class ElasticWeightConsolidation(Method):
 
 
 def estimate_general_fisher(model, tok, cfg, o, general_examples) -> dict:
-    """The diagonal Fisher of the model's trainable parameters on the first --ewc.fisher-samples general examples,
-    with the ewc.* estimator and normalization `o`."""
+    """The diagonal Fisher of the model's trainable parameters on --ewc.fisher-samples general examples drawn
+    with --seed (so that an interval over seeds includes the estimate's sampling variance), with the ewc.*
+    estimator and normalization `o`."""
     from data import batches_by_length
 
     import distributed
 
+    sample = random.Random(cfg.seed).sample(general_examples, min(o.fisher_samples, len(general_examples)))
     # the "batch" estimator squares each batch's mean gradient, so its value depends on the batch size
-    batches = batches_by_length(general_examples[:o.fisher_samples], cfg.batch_size, tok.pad_id, seed=cfg.seed)
+    batches = batches_by_length(sample, cfg.batch_size, tok.pad_id, seed=cfg.seed)
     # under torchrun each rank sums its own rows of every batch and the sums are all-reduced (distributed.py)
     return estimate_fisher(model, distributed.fisher_share(batches), estimator=o.fisher_estimator,
                            normalize=o.fisher_normalize, progress=distributed.is_main(), seed=cfg.seed,
@@ -764,10 +767,9 @@ class SelfReplay(Method):
             raise ForgetlabError("--method self-replay replays nothing with --replay-fraction 0")
 
     def cache_file(self, model, tok) -> Path:
-        h = hashlib.sha256()
-        for n, p in model.named_parameters():
-            h.update(n.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        from model.checkpoint import weights_sha256
+
+        h = hashlib.sha256(weights_sha256(model).encode())
         h.update(json.dumps([self.options.max_new_tokens, sorted(tok.stop_ids), tok.pad_id]).encode())
         return Path(self.options.cache) / f"{h.hexdigest()[:32]}.json"
 

@@ -183,9 +183,10 @@ def peak_rss_mb(rusage) -> float:
     return rusage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def run_train(argv: list[str], log: Path, env: dict) -> tuple[int, float, float]:
+def run_train(argv: list[str], log: Path, env: dict) -> tuple[int, float, float, float]:
     """Run train.py with argv in a child process, its output to `log`. Returns (exit code, wall seconds,
-    peak RSS of the child in MiB, from the kernel's own accounting of that one process)."""
+    peak RSS of the child in MiB, its CPU seconds (user + system)), from the kernel's own accounting of that
+    one process."""
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], stdout=f, stderr=subprocess.STDOUT,
@@ -197,7 +198,7 @@ def run_train(argv: list[str], log: Path, env: dict) -> tuple[int, float, float]
             proc.wait()
             raise
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.time() - t0, peak_rss_mb(rusage)
+    return proc.returncode, time.time() - t0, peak_rss_mb(rusage), rusage.ru_utime + rusage.ru_stime
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -223,7 +224,7 @@ def run_all(runs: list[Run], out: Path, extra: list[str], env: dict, quick_flags
             shutil.rmtree(run_dir)
         print(f"{label}: running", file=sys.stderr)
         log = out / "logs" / f"{run.name}.log"
-        code, wall, peak = run_train(argv, log, env)
+        code, wall, peak, _ = run_train(argv, log, env)
         if code != 0 or not (run_dir / "results.json").is_file():
             print(f"{label}: FAILED (exit {code}); the end of {log}:\n{tail(log)}", file=sys.stderr)
             failed.append(run.name)
@@ -354,6 +355,98 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- the study (scripts/study.py)
+
+STUDY_RESERVED = ("--out", "--before")  # per run and machine: not part of what a run record must match
+
+
+def study_argv(protocol: dict, run: Run) -> list[str]:
+    """The train.py flags of one study run, but --out and --before."""
+    return [*protocol["train_flags"], *run.train_flags(), "--eval-split", "all"]  # the run's own flags win
+
+
+def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: float, peak: float) -> dict:
+    """What results/ keeps of a finished run: no weights, no prompts or responses, the per-item scores."""
+    import study
+
+    results = json.loads((run_dir / "results.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    return dict(method=run.method, params=run.params, seed=run.seed, argv=argv, config=config, training=results["training"],
+                wall_s=round(wall, 1), cpu_s=round(cpu, 1), peak_rss_mb=round(peak), items=study.compact(results["after"]))
+
+
+def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: dict) -> list[str]:
+    """Run the study's two stages into `results` (resuming from the records it holds); returns failed runs."""
+    import study
+    from concurrent.futures import ThreadPoolExecutor
+
+    from errors import read_json_object
+    from model.checkpoint import write_atomic_text
+
+    protocol = study.check_protocol(read_json_object(protocol_file, "study protocol"), protocol_file, grid_keys)
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    saved = results / "protocol.json"
+    if saved.is_file() and json.loads(saved.read_text()) != protocol:
+        raise ForgetlabError(f"{saved} holds another protocol's runs: use another --results directory")
+    write_atomic_text(saved, json.dumps(protocol, indent=2) + "\n")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    before, failed = out / "before.json", []
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def one(run: Run, alone: bool = False):
+        argv, record = study_argv(protocol, run), results / "runs" / f"{run.name}.json"
+        run_dir, log = out / run.name, out / "logs" / f"{run.name}.log"
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
+        extra = ["--before", str(before)] if before.is_file() else []
+        print(f"study: {run.name}: running", file=sys.stderr)
+        code, wall, peak, cpu = run_train([*argv, *extra, "--out", str(run_dir)], log,
+                                          {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or
+                                           (str(os.cpu_count() or 1) if alone else threads)})
+        if code != 0 or not (run_dir / "results.json").is_file():
+            print(f"study: {run.name}: FAILED (exit {code}); the end of {log}:\n{tail(log)}", file=sys.stderr)
+            failed.append(run.name)
+            return
+        if not before.is_file():
+            shutil.copyfile(run_dir / "before.json", before)
+        if not (results / "base.json").is_file():
+            saved_before = json.loads(before.read_text())
+            write_atomic_text(results / "base.json", json.dumps(dict(
+                weights_sha256=saved_before["weights_sha256"], eval=saved_before["eval"],
+                items=study.compact(saved_before["results"]))) + "\n")
+        write_atomic_text(record, json.dumps(study_record(run, run_dir, argv, wall, cpu, peak)) + "\n")
+        print(f"study: {run.name}: done in {wall:.0f} s", file=sys.stderr)
+
+    def execute(runs: list[Run]):
+        todo = []
+        for run in runs:
+            record = results / "runs" / f"{run.name}.json"
+            if record.is_file():
+                if json.loads(record.read_text()).get("argv") != study_argv(protocol, run):
+                    raise ForgetlabError(f"{record}: made with other train.py flags than this protocol gives")
+                continue
+            todo.append(run)
+        if todo and not before.is_file():  # the first run evaluates the base model, alone; the rest reuse it
+            one(todo.pop(0), alone=True)
+            if not before.is_file():
+                return
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(one, todo))
+
+    first = protocol["seeds"][0]
+    execute([Run(m, p, first) for m in protocol["methods"] for p in study.settings(protocol, m)])
+    if not (results / "base.json").is_file():
+        raise ForgetlabError(f"the first study run failed ({', '.join(failed)}), so the base model was not evaluated: "
+                             f"see {out / 'logs'}")
+    _, base, records = study.read_results_dir(results)
+    chosen = study.select(protocol, [r for r in study.rows_of(protocol, base, records) if r["split"] == "dev"])
+    print("study: chosen on dev: " + "; ".join(f"{m} {study.label(c['params'])}" for m, c in chosen.items()),
+          file=sys.stderr)
+    groups = study.test_groups(protocol, chosen)
+    # seed by seed, so that an interrupted study leaves every method (and control) with as many seeds as the others
+    execute([Run(m, params, s) for s in protocol["seeds"] for _, m, params in groups])
+    return failed
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,11 +461,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="sweep directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny random model with SmolLM2's tokenizer, 4 steps, quick eval: for tests and smoke runs")
+    p.add_argument("--protocol", metavar="FILE",
+                   help="run the study FILE describes (scripts/study.py: settings chosen on dev, seeds reported on "
+                        "test) into --results, resuming from the runs it holds; then --report it")
+    p.add_argument("--results", metavar="DIR", help="with --protocol: where the run records and report go")
+    p.add_argument("--jobs", type=int, default=1, help="with --protocol: runs side by side (each gets "
+                                                       "cores / jobs threads)")
+    p.add_argument("--report", metavar="DIR",
+                   help="rebuild DIR's study tables and figures from its protocol.json, base.json and runs/ alone")
     return p
+
+
+def main_study(args, extra):
+    """--protocol / --report: the study, its runs in --out (weights, logs) and its records in --results."""
+    import study
+
+    if extra:
+        raise ForgetlabError(f"--protocol and --report take no train.py flags (the protocol holds them): {extra[0]}")
+    failed = []
+    if args.protocol:
+        if not args.results:
+            raise ForgetlabError("--protocol needs --results DIR, where the run records go")
+        if args.jobs < 1:
+            raise ForgetlabError(f"--jobs must be >= 1, got {args.jobs}")
+        out = Path(args.out if args.out != "runs/sweep" else "runs/study").resolve()
+        failed = run_protocol(args.protocol, Path(args.results), out, args.jobs, dict(os.environ))
+    results = Path(args.report or args.results)
+    written = study.write_report(results)
+    print((results / "study.md").read_text())
+    print(f"wrote {', '.join(str(results / w) for w in written)}", file=sys.stderr)
+    if failed:
+        raise ForgetlabError(f"{len(failed)} study runs failed ({', '.join(failed)}): see their logs")
 
 
 def main(argv=None):
     args, extra = build_parser().parse_known_args(argv)
+    if args.protocol or args.report:
+        return main_study(args, extra)
     for flag in RESERVED + (("--model",) if args.quick else ()):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ForgetlabError(f"{flag} is set by the sweep for each run; it cannot be passed through")
