@@ -36,8 +36,8 @@ tiny model, --eval quick: 4.8 s before / 4.8 s after on rank 0 of 2 against 4.9 
 Limits. Every rank loads the whole model first (model/checkpoint.py reads it into memory; FSDP2 shards it
 afterwards), so the model must fit one device's memory once, without its gradients and optimizer state; the
 Fisher is estimated on that whole model too, with one full-size float32 accumulator per rank, before
-`EWC.shard_like` keeps 1/N of it. Built-in methods with other per-parameter state run under DDP only
-(FSDP_UNSUPPORTED: a one-line error with --fsdp).
+`EWC.shard_like` keeps 1/N of it. Two built-in methods run under DDP only (FSDP_UNSUPPORTED: a one-line
+error with --fsdp).
 Dropout masks are drawn per rank: with dropout > 0, N ranks give a run that is statistically, not bitwise,
 the one-process run (the equality tests use dropout 0).
 """
@@ -229,15 +229,19 @@ def shard(model: nn.Module, device: str) -> nn.Module:
     return model
 
 
-# Built-in methods whose per-parameter state (θ₀ copies, a custom optimizer's statistics, a teacher called
-# through model.hidden) is not laid out for FSDP2 yet: they run under DDP. EWC's state is (EWC.shard_like).
-FSDP_UNSUPPORTED = ("l2-init", "wise-ft", "mofo", "kl", "ewc-lora")
+# Built-in methods that run under DDP only, and why. The others' per-parameter state follows FSDP2's sharding:
+# EWC's F and θ* (EWC.shard_like), l2-init's and wise-ft's θ₀ (their `shard` hooks), MoFO's moments (made like
+# the sharded parameters; its top-k is taken over the gathered |m|).
+FSDP_UNSUPPORTED = {
+    "kl": "its logits come through model.hidden, outside the forward hooks in which FSDP2 gathers the weights",
+    "ewc-lora": "its penalty multiplies each adapter's B and A, which FSDP2 shards along different dimensions",
+}
 
 
 def check_fsdp_method(name: str):
     if name in FSDP_UNSUPPORTED:
-        raise ForgetlabError(f"--fsdp: the {name} method keeps per-parameter state that is not sharded yet; "
-                             f"run it with DDP (torchrun without --fsdp)")
+        raise ForgetlabError(f"--fsdp: the {name} method runs under DDP only ({FSDP_UNSUPPORTED[name]}); "
+                             f"run it with torchrun without --fsdp")
 
 
 def shard_method_state(method, model: nn.Module):

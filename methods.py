@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import ForgetlabError
-from ewc import EWC, estimate_fisher
+from ewc import EWC, estimate_fisher, full, is_dtensor, like, local
 from lora import apply_lora, find_targets, lora_disabled, lora_modules
 from model.llama import IGNORE_INDEX
 
@@ -424,20 +424,31 @@ class L2Init(Method):
                 raise ForgetlabError("--l2-init.lambda must be >= 0")
 
     def configure(self, model):
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.theta0 = [p.detach().clone() for p in self.params]
+
+    def shard(self, model):
+        """Under FSDP2 (distributed.shard_method_state): follow the sharded parameters, θ₀ laid out like them."""
+        from distributed import distribute_like
+
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in self.names]
+        self.theta0 = [distribute_like(t, p) for t, p in zip(self.theta0, self.params, strict=True)]
 
     @torch.no_grad()
     def extra_loss(self, model, step):
         lam = self.options.lambda_
-        total = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
+        total = torch.zeros((), dtype=torch.float32, device=local(self.params[0]).device)
         for p, p0 in zip(self.params, self.theta0):
-            delta = p - p0
+            delta = local(p) - local(p0)  # this rank's shard under FSDP2, else the whole tensor
             total += delta.pow(2).sum(dtype=torch.float32)
             if p.grad is None:
-                p.grad = delta.mul_(lam)
+                p.grad = like(p, delta.mul_(lam))
             else:
-                p.grad.add_(delta, alpha=lam)
+                local(p.grad).add_(delta, alpha=lam)
+        if is_dtensor(self.params[0]):
+            torch.distributed.all_reduce(total)  # each rank summed its own shards
         return total * (lam / 2)
 
 
@@ -493,14 +504,30 @@ class WiSEFT(Method):
             if not all(0 <= a <= 1 for a in [self.alpha, *parse_floats(self.alphas, "--wise-ft.alphas")]):
                 raise ForgetlabError("--wise-ft.alpha and --wise-ft.alphas must be in [0, 1]")
 
+    def check(self, model, cfg):
+        if cfg.fsdp and self.options.alphas:
+            raise ForgetlabError("--wise-ft.alphas under --fsdp: the extra alphas are evaluated on rank 0's gathered "
+                                 "model, which holds no θ₀; run them with DDP (the saved --wise-ft.alpha works)")
+
+    def targets(self, model) -> dict:
+        """{name: the tensor interpolated}: each adapter's B (a LoRA run), else every trainable weight."""
+        if self.options.lora:
+            return {n: m.lora_B.weight for n, m in lora_modules(model).items()}
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
     def configure(self, model):
         if self.options.lora:
             apply_lora_options(model, self.groups["lora"])
-            self.params = {n: m.lora_B.weight for n, m in lora_modules(model).items()}
-            self.theta0 = {n: torch.zeros_like(b) for n, b in self.params.items()}  # B starts at 0
-        else:
-            self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            self.theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+        self.params = self.targets(model)
+        self.theta0 = {n: p.detach().clone() for n, p in self.params.items()}  # a LoRA B starts at 0
+
+    def shard(self, model):
+        """Under FSDP2 (distributed.shard_method_state): follow the sharded parameters, θ₀ laid out like them, so
+        that each rank interpolates its own shards."""
+        from distributed import distribute_like
+
+        self.params = self.targets(model)
+        self.theta0 = {n: distribute_like(t, self.params[n]) for n, t in self.theta0.items()}
 
     @torch.no_grad()
     def finish(self, model):
@@ -510,7 +537,7 @@ class WiSEFT(Method):
     @torch.no_grad()
     def interpolate(self, alpha: float):
         for n, p in self.params.items():
-            p.copy_(torch.lerp(self.theta0[n], self.theta_ft[n], alpha))
+            local(p).copy_(torch.lerp(local(self.theta0[n]), local(self.theta_ft[n]), alpha))
 
     def variants(self, model):
         return {f"alpha={a:g}": (lambda a=a: self.interpolate(a))
@@ -544,14 +571,19 @@ class MoFOOptimizer(torch.optim.Optimizer):
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
                 t = float(state["step"])
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+                # this rank's shards under FSDP2 (the state was made like p), else the tensors themselves
+                m, v, g = local(state["exp_avg"]), local(state["exp_avg_sq"]), local(p.grad)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 k = max(1, math.ceil(group["fraction"] * p.numel()))
-                idx = m.abs().view(-1).topk(k, sorted=False).indices  # the filter: largest |m| in this tensor
+                if is_dtensor(p):  # the k largest |m| of the whole tensor: at least its k-th largest, gathered
+                    kth = full(state["exp_avg"]).abs().view(-1).topk(k, sorted=False).values.min()
+                    idx = (m.abs().view(-1) >= kth).nonzero().squeeze(1)
+                else:
+                    idx = m.abs().view(-1).topk(k, sorted=False).indices  # the filter: largest |m| in this tensor
                 m_hat = m.view(-1)[idx] / (1 - beta1 ** t)
                 v_hat = v.view(-1)[idx] / (1 - beta2 ** t)
-                flat = p.view(-1)
+                flat = local(p).view(-1)
                 new = flat[idx] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * m_hat / (
                     v_hat.sqrt() + group["eps"])
                 flat[idx] = new

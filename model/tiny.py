@@ -26,8 +26,8 @@ def random_llama(config: dict, seed: int = 0, std: float = 0.02, dtype=torch.flo
     return model.eval()
 
 
-def save_tiny_model(path, like) -> Path:
+def save_tiny_model(path, like, seed: int = 0) -> Path:
     """A random Llama of TINY_SHAPE with the vocabulary, special tokens and tokenizer files of the checkpoint
     directory `like`, saved as an HF directory at `path`: train.py and eval.py run on it in seconds."""
     config = {**read_json_object(Path(like) / "config.json", "model config"), **TINY_SHAPE}
-    return save_pretrained(random_llama(config), path, copy_tokenizer_from=like)
+    return save_pretrained(random_llama(config, seed=seed), path, copy_tokenizer_from=like)

@@ -5,6 +5,7 @@
 
 The protocol (a JSON file, copied into the results directory as protocol.json) names:
     train_flags   the regime: train.py flags every run gets (data, epochs, the evaluation level, ...)
+    description   free text (not compared when a study resumes)
     methods       {method: {grid key: [values]}}: every method gets the same number of settings
     controls      {name: {method, like, rename, params}}: run with every seed at the setting chosen for the
                   method it is `like` (keys renamed, params added), e.g. l2-init at EWC's λ (optional)
@@ -100,6 +101,12 @@ def check_protocol(protocol: dict, where: str, grid_keys=None) -> dict:
             for k in axes:
                 need(k in keys and (keys[k][1] is None or m in keys[k][1]), f"{m}: {k!r} is not a key {m} reads")
     return protocol
+
+
+def essentials(protocol: dict) -> dict:
+    """What decides the runs and the selection (not the description): two protocols with the same essentials
+    may share a results directory."""
+    return {k: protocol.get(k) for k in ("train_flags", "methods", "controls", "seeds", "selection")}
 
 
 def settings(protocol: dict, method: str) -> list[dict]:
@@ -235,6 +242,7 @@ def record_of(runs: list[dict], row: dict) -> dict:
 def fmt(x, digits: int = 4, sign: bool = True) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
+    x = round(x, digits) + 0.0  # no "-0.0000" (-0.0 + 0.0 is +0.0)
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
@@ -249,15 +257,53 @@ def over_seeds(values: list[float], digits: int = 4) -> str:
     return f"{fmt(mean, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
 
-def words(values: list[float], higher_is_worse: bool) -> str:
-    """The verdict an interval over seeds allows: a direction only when the interval excludes zero."""
+# column -> (task, item field, token-weighted, sign): the per-item form of QUANTITIES, for paired item statistics
+ITEM_COLUMNS = {"recall_gain": ("domain_recall", "nll", True, -1), "unseen_gain": ("domain_unseen", "nll", True, -1),
+                "forgetting": ("ppl", "nll", True, +1), "lambada_nll": ("lambada", "nll", False, +1),
+                "lambada": ("lambada", "correct", False, +1), "arc_easy": ("arc_easy", "correct", False, +1),
+                "general_qa": ("general_qa", "correct", False, +1)}
+
+
+def seed_mean(items_of_runs: list[dict], task: str, field: str) -> dict:
+    """{item id: (its value averaged over the runs, its token weight)} on the test half."""
+    values, weight = {}, {}
+    for items in items_of_runs:
+        for it in items.get(task, []):
+            if it["split"] == "test":
+                values.setdefault(it["id"], []).append(float(it[field]))
+                weight[it["id"]] = it.get("tokens", 1)
+    return {i: (sum(v) / len(v), weight[i]) for i, v in values.items() if len(v) == len(items_of_runs)}
+
+
+def item_interval(after: list[dict], before: list[dict], column: str) -> tuple | None:
+    """(mean, lo, hi): the change from `before` to `after` (each a list of runs' items, averaged over them item by
+    item), paired by item, with a 95% bootstrap interval over the test items (stats.paired_bootstrap). It holds
+    the item sampling that an interval over seeds does not."""
+    task, field, weighted, sign = ITEM_COLUMNS[column]
+    a, b = seed_mean(after, task, field), seed_mean(before, task, field)
+    ids = [i for i in a if i in b]
+    if not ids:
+        return None
+    value, lo, hi = stats.paired_bootstrap([b[i][0] for i in ids], [a[i][0] for i in ids],
+                                           weights=[a[i][1] for i in ids] if weighted else None)
+    return (value, lo, hi) if sign > 0 else (-value, -hi, -lo)
+
+
+def interval_text(iv, digits: int = 4) -> str:
+    return "–" if iv is None else f"{fmt(iv[0], digits)} [{fmt(iv[1], digits)}, {fmt(iv[2], digits)}]"
+
+
+def words(values: list[float], per_item, higher_is_worse: bool) -> str:
+    """The verdict the intervals allow: a direction only when both the interval over seeds and the per-item
+    interval exclude zero, on the same side."""
     values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return "one seed: no interval"
+    if len(values) < 2 or per_item is None:
+        return "not enough runs for an interval"
     _, lo, hi = stats.mean_interval(values)
-    if lo <= 0 <= hi:
+    sides = {lo > 0 if not lo <= 0 <= hi else None, per_item[1] > 0 if not per_item[1] <= 0 <= per_item[2] else None}
+    if None in sides or len(sides) > 1:
         return "no detectable change"
-    return ("worse" if (lo > 0) == higher_is_worse else "better")
+    return "worse" if sides.pop() == higher_is_worse else "better"
 
 
 DEV_COLUMNS = ["recall_gain", "unseen_gain", "forgetting", "lambada_nll", "recall_acc_gain", "arc_easy", "lambada"]
@@ -316,10 +362,33 @@ def report_md(protocol: dict, base: dict, runs: list[dict]) -> str:
             cells = [over_seeds([None if a[c] is None or b[c] is None else a[c] - b[c] for a, b in pairs])
                      for c in cols]
             out.append(f"| {a_name} − {b_name} | {len(pairs)} | " + " | ".join(cells) + " |")
-    out += ["", "## Verdicts on the test split (from the intervals above)", ""]
+    items = {name: [record_of(runs, r)["items"] for r in rs] for name, rs in test.items()}
+    cols = list(ITEM_COLUMNS)
+    out += ["", "## Test, per item: the change averaged over seeds, paired by item", "",
+            "Each item's after − before averaged over the seeds (token-weighted for the NLLs), then the mean over the "
+            "test items with a 95% paired bootstrap interval over items: it holds the sampling of the items.", "",
+            "| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    per_item = {name: {c: item_interval(its, [base], c) for c in cols} for name, its in items.items() if its}
+    for name, cells in per_item.items():
+        out.append(f"| {name} | {len(items[name])} | " + " | ".join(interval_text(cells[c]) for c in cols) + " |")
+    for title, pairs_of in pairings:
+        out += ["", f"## Test, per item: {title}", "",
+                "On the seeds both ran: each item's value averaged over them, the difference paired by item.", "",
+                "| difference | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for a_name, b_name in pairs_of:
+            seeds = sorted({r["seed"] for r in test[a_name]} & {r["seed"] for r in test[b_name]})
+            a_items = [record_of(runs, r)["items"] for r in test[a_name] if r["seed"] in seeds]
+            b_items = [record_of(runs, r)["items"] for r in test[b_name] if r["seed"] in seeds]
+            cells = [interval_text(item_interval(a_items, b_items, c) if seeds else None) for c in cols]
+            out.append(f"| {a_name} − {b_name} | {len(seeds)} | " + " | ".join(cells) + " |")
+
+    out += ["", "## Verdicts on the test split", "",
+            "A direction only where the interval over seeds and the per-item interval both exclude zero, on the same "
+            "side; otherwise no detectable change.", ""]
     for m, rs in test.items():
-        f = {c: words([r[c] for r in rs], c in WORSE_WHEN_HIGHER) for c in TEST_FORGET}
-        out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
+        if m in per_item:
+            f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in TEST_FORGET}
+            out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
     return "\n".join(out) + "\n"
 
 

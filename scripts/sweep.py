@@ -367,7 +367,7 @@ def study_argv(protocol: dict, run: Run) -> list[str]:
 
 def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: float, peak: float) -> dict:
     """What results/ keeps of a finished run: no weights, no prompts or responses, the per-item scores."""
-    import study
+    from scripts import study
 
     results = json.loads((run_dir / "results.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -377,7 +377,7 @@ def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: flo
 
 def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: dict) -> list[str]:
     """Run the study's two stages into `results` (resuming from the records it holds); returns failed runs."""
-    import study
+    from scripts import study
     from concurrent.futures import ThreadPoolExecutor
 
     from errors import read_json_object
@@ -386,7 +386,7 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
     protocol = study.check_protocol(read_json_object(protocol_file, "study protocol"), protocol_file, grid_keys)
     (results / "runs").mkdir(parents=True, exist_ok=True)
     saved = results / "protocol.json"
-    if saved.is_file() and json.loads(saved.read_text()) != protocol:
+    if saved.is_file() and study.essentials(json.loads(saved.read_text())) != study.essentials(protocol):
         raise ForgetlabError(f"{saved} holds another protocol's runs: use another --results directory")
     write_atomic_text(saved, json.dumps(protocol, indent=2) + "\n")
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_study(args, extra):
     """--protocol / --report: the study, its runs in --out (weights, logs) and its records in --results."""
-    import study
+    from scripts import study
 
     if extra:
         raise ForgetlabError(f"--protocol and --report take no train.py flags (the protocol holds them): {extra[0]}")

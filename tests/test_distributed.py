@@ -337,7 +337,8 @@ def test_fsdp2_model_saved_by_rank_0_loads_in_one_process_with_the_sharded_logit
 # 4 steps of 2 micro-batches of 4 (gradient accumulation without sync but on the last); replay's 27 examples
 # end an epoch with a batch of 3 rows, split 2 + 1 over the ranks; dropout 0, whose masks are per rank.
 COMMON = ["--max-steps", "4", "--grad-accum", "2", "--lr", "1e-3"]
-METHODS = {"full": [], "lora": ["--lora.dropout", "0"], "ewc": [], "replay": []}
+METHODS = {"full": [], "lora": ["--lora.dropout", "0"], "ewc": [], "replay": [], "l2-init": ["--l2-init.lambda", "50"],
+           "mofo": ["--mofo.fraction", "0.3"], "wise-ft": ["--wise-ft.alpha", "0.5"]}
 
 
 def train_on_ranks(argvs: list[list[str]]):
@@ -389,9 +390,10 @@ def test_fsdp2_outputs_are_written_once_in_the_one_process_formats(loss_runs):
     for method, output in (("full", "model"), ("lora", "adapter"), ("ewc", "model")):
         assert sorted(p.name for p in (loss_runs["fsdp", method]).iterdir()) == \
             sorted(p.name for p in (loss_runs["one", method]).iterdir())
-    one, two = load_model(loss_runs["one", "full"] / "model"), load_model(loss_runs["fsdp", "full"] / "model")
-    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for method in ("full", "wise-ft"):  # wise-ft: each rank interpolated its own shards before the gather
+        one, two = load_model(loss_runs["one", method] / "model"), load_model(loss_runs["fsdp", method] / "model")
+        for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
     ewc_one = load_file(loss_runs["one", "ewc"] / "ewc.safetensors")
     ewc_two = load_file(loss_runs["fsdp", "ewc"] / "ewc.safetensors")
     for k in ewc_one:
@@ -451,7 +453,7 @@ def test_every_builtin_method_runs_on_2_ranks_or_refuses_fsdp_in_one_line(tiny_d
     outcome = run_ranks(every_method_on_ranks, tmp_path, tiny_dir, tiny_data, str(tmp_path), fsdp)[0]
     for m, result in outcome.items():
         if fsdp and m in distributed.FSDP_UNSUPPORTED:
-            assert result.startswith(f"--fsdp: the {m} method keeps per-parameter state"), result
+            assert result.startswith(f"--fsdp: the {m} method runs under DDP only ("), result
         else:
             assert result == "ok", (m, result)
             assert any((tmp_path / f"{fsdp}-{m}" / name).is_dir() for name in ("model", "adapter")), m
@@ -477,3 +479,13 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused(monkeypatch):
     with pytest.raises(ForgetlabError, match="--batch-size 8 is not divisible by the world size 3"):
         distributed.check_batch_size(8)
     distributed.check_batch_size(9)
+
+
+def test_wise_ft_extra_alphas_under_fsdp2_are_refused_before_training():
+    import train
+
+    cfg, method = train.parse_config(["--method", "wise-ft", "--wise-ft.alphas", "0.25,0.75", "--fsdp"])
+    with pytest.raises(ForgetlabError, match="--wise-ft.alphas under --fsdp"):
+        method.check(None, cfg)
+    cfg, method = train.parse_config(["--method", "wise-ft", "--fsdp"])
+    method.check(None, cfg)  # the saved alpha alone is fine

@@ -212,3 +212,20 @@ def test_ewc_state_dict_round_trips(tiny_dir, tiny_data):  # noqa: F811
     method.load_state_dict(state)
     assert all(torch.equal(state[k], v) for k, v in method.state_dict().items())
     assert any(f.abs().max() > 0 for f in method.ewc.fisher)
+
+
+def test_the_fisher_sample_is_drawn_by_the_seed(tiny_dir, tiny_data, monkeypatch):  # noqa: F811
+    """An interval over seeds must include the Fisher's sampling variance: each seed draws its own examples."""
+    import methods
+    from data import load_dataset, tokenize_dataset
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    general, _ = tokenize_dataset(tok, load_dataset(tiny_data[1]), 256)
+    drawn = []
+    monkeypatch.setattr(methods, "estimate_fisher", lambda model, batches, **kw: drawn.append(
+        sorted(tuple(row) for b in batches for row in b["input_ids"].tolist())))
+    for seed in ("0", "0", "1"):
+        cfg, method = train.parse_config(["--method", "ewc", "--ewc.fisher-samples", "4", "--seed", seed])
+        methods.estimate_general_fisher(None, tok, cfg, method.options, general)
+    assert len(general) > 4 and drawn[0] == drawn[1] and drawn[0] != drawn[2]

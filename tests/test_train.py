@@ -210,6 +210,39 @@ def test_quick_eval_writes_before_after_and_comparison(tiny_dir, tiny_data, tmp_
     assert "Forgetting report" in (out / "report.md").read_text()
 
 
+def test_before_reuses_another_runs_evaluation_of_the_same_weights_and_refuses_anything_else(
+        tiny_dir, tiny_data, tmp_path, monkeypatch):
+    import eval as ev
+    from model.tiny import save_tiny_model
+
+    monkeypatch.setitem(ev.LEVELS, "quick", {"ppl": 4, "domain_recall": 4})
+    calls = []
+    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: calls.append(kw["split"]) or ev.evaluate(*a, **kw))
+
+    def argv(out, *extra):
+        args = tiny_args(tiny_dir, tiny_data, tmp_path / out, "--max-steps", "1", "--eval-split", "all", *extra)
+        args[args.index("--eval") + 1] = "quick"
+        return args
+
+    first = train.main(argv("a"))
+    saved = json.loads((tmp_path / "a" / "before.json").read_text())
+    assert saved["eval_split"] == "all" and len(saved["weights_sha256"]) == 64
+    assert {it["split"] for it in first["before"]["ppl"]["items"]} == {"dev", "test"}  # each item says its half
+    calls.clear()
+    second = train.main(argv("b", "--method", "lora", "--before", str(tmp_path / "a" / "before.json")))
+    assert calls == ["all"]  # only the "after" evaluation ran
+    assert second["before"] == first["before"]
+
+    with pytest.raises(ForgetlabError, match="made with eval_split='all', this run asks 'test'"):
+        train.main(argv("c", "--eval-split", "test", "--before", str(tmp_path / "a" / "before.json")))
+    other = save_tiny_model(tmp_path / "other", like=tiny_dir, seed=1)
+    args = argv("d", "--before", str(tmp_path / "a" / "before.json"))
+    args[args.index("--model") + 1] = str(other)
+    with pytest.raises(ForgetlabError, match="its weights are not this model's"):
+        train.main(args)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
 def test_bad_data_exits_2_with_one_line_and_writes_nothing(tiny_dir, tiny_data, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 7}\n')

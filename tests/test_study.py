@@ -1,0 +1,150 @@
+"""The study (scripts/study.py, run by sweep.py --protocol): the selection rule, the protocol's checks, the report
+rebuilt byte for byte from records alone, and one real protocol run on tiny models."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from errors import ForgetlabError
+from scripts import study, sweep
+
+FIXTURE = Path(__file__).parent / "fixtures" / "study"
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "study"
+PROTOCOL = dict(train_flags=["--eval", "quick"], methods={"full": {"lr": ["1e-4", "2e-4", "4e-4"]},
+                                                          "ewc": {"ewc.lambda": ["1", "10", "100"]}},
+                seeds=[0, 1], selection=dict(rule="least-forgetting-above-gain", gain="recall_gain",
+                                             forgetting="forgetting", reference="full", fraction=0.9))
+
+
+def dev_row(method, params, gain, forgetting, seed=0):
+    return dict(method=method, params=params, seed=seed, recall_gain=gain, forgetting=forgetting)
+
+
+def test_selection_picks_the_least_forgetting_among_settings_with_enough_gain():
+    rows = [dev_row("full", {"lr": "1e-4"}, 0.50, 0.01), dev_row("full", {"lr": "2e-4"}, 0.95, 0.08),
+            dev_row("full", {"lr": "4e-4"}, 1.00, 0.30),  # the best gain: the bar is 0.9 x 1.00
+            dev_row("ewc", {"ewc.lambda": "1"}, 0.99, 0.20), dev_row("ewc", {"ewc.lambda": "10"}, 0.90, 0.05),
+            dev_row("ewc", {"ewc.lambda": "100"}, 0.40, 0.00),  # the least forgetting, but too little gain
+            dev_row("ewc", {"ewc.lambda": "10"}, 5.0, -1.0, seed=1)]  # another seed: not read
+    chosen = study.select(PROTOCOL, rows)
+    assert chosen["full"]["params"] == {"lr": "2e-4"} and chosen["full"]["qualified"]
+    assert chosen["ewc"]["params"] == {"ewc.lambda": "10"} and chosen["ewc"]["qualified"]
+    assert "recall_gain >= 0.9000" in chosen["ewc"]["reason"]
+
+
+def test_selection_takes_the_largest_gain_when_no_setting_reaches_the_bar_and_waits_for_missing_runs():
+    rows = [dev_row("full", {"lr": "1e-4"}, 0.5, 0.0), dev_row("full", {"lr": "2e-4"}, 1.0, 0.1),
+            dev_row("full", {"lr": "4e-4"}, 1.0, 0.1),  # a tie: the earlier setting
+            dev_row("ewc", {"ewc.lambda": "1"}, 0.6, 0.0), dev_row("ewc", {"ewc.lambda": "10"}, 0.7, 0.3),
+            dev_row("ewc", {"ewc.lambda": "100"}, 0.2, 0.0)]
+    chosen = study.select(PROTOCOL, rows)
+    assert chosen["full"]["params"] == {"lr": "2e-4"}
+    assert chosen["ewc"]["params"] == {"ewc.lambda": "10"} and not chosen["ewc"]["qualified"]
+    assert study.select(PROTOCOL, rows[:-1]).keys() == {"full"}  # ewc's grid is not complete yet
+    assert study.select(PROTOCOL, rows[1:]) == {}  # nor is the reference's: no bar yet
+
+
+def test_a_protocol_with_unequal_grids_or_a_per_run_flag_is_refused():
+    study.check_protocol(PROTOCOL, "p.json")
+    unequal = dict(PROTOCOL, methods={"full": {"lr": ["1e-4", "2e-4"]}, "ewc": {"ewc.lambda": ["1"]}})
+    with pytest.raises(ForgetlabError, match="same number of settings, here full 2, ewc 1"):
+        study.check_protocol(unequal, "p.json")
+    with pytest.raises(ForgetlabError, match="may not set --seed"):
+        study.check_protocol(dict(PROTOCOL, train_flags=["--seed", "3"]), "p.json")
+    with pytest.raises(ForgetlabError, match="'lora.r' is not a key ewc reads"):
+        study.check_protocol(dict(PROTOCOL, methods={"full": {"lr": ["1"]}, "ewc": {"lora.r": ["4"]}}), "p.json",
+                             sweep.grid_keys)
+
+
+def test_controls_take_the_setting_chosen_for_the_method_they_control():
+    protocol = dict(PROTOCOL, controls={"l2": {"method": "l2-init", "like": "ewc",
+                                               "rename": {"ewc.lambda": "l2-init.lambda"}},
+                                        "true": {"method": "ewc", "like": "ewc",
+                                                 "params": {"ewc.fisher-estimator": "true"}}})
+    groups = study.test_groups(protocol, {"full": {"params": {"lr": "2e-4"}}, "ewc": {"params": {"ewc.lambda": "10"}}})
+    assert groups == [("full", "full", {"lr": "2e-4"}), ("ewc", "ewc", {"ewc.lambda": "10"}),
+                      ("l2", "l2-init", {"l2-init.lambda": "10"}),
+                      ("true", "ewc", {"ewc.lambda": "10", "ewc.fisher-estimator": "true"})]
+
+
+def rebuild(source: Path, tmp_path: Path) -> Path:
+    """A copy of a results directory's inputs (protocol, base, runs), its report rebuilt there."""
+    copy = tmp_path / "results"
+    copy.mkdir()
+    for name in ("protocol.json", "base.json"):
+        shutil.copyfile(source / name, copy / name)
+    shutil.copytree(source / "runs", copy / "runs")
+    sweep.main(["--report", str(copy)])
+    return copy
+
+
+def test_the_report_is_rebuilt_byte_for_byte_from_the_records_alone(tmp_path):
+    copy = rebuild(FIXTURE, tmp_path)
+    for name in ("study.md", "study.csv"):
+        assert (copy / name).read_bytes() == (FIXTURE / name).read_bytes(), name
+
+
+def test_the_report_numbers_are_the_items_weighted_means(tmp_path):
+    """One cell recomputed by hand from the fixture's items: ewc λ=1, seed 0, dev recall gain."""
+    base = json.loads((FIXTURE / "base.json").read_text())["items"]["domain_recall"]
+    run = json.loads((FIXTURE / "runs" / "ewc-lambda1-seed0.json").read_text())["items"]["domain_recall"]
+
+    def nll(items):
+        dev = [it for it in items if it["split"] == "dev"]
+        return sum(it["nll"] * it["tokens"] for it in dev) / sum(it["tokens"] for it in dev)
+
+    line = next(x for x in (FIXTURE / "study.md").read_text().splitlines() if x.startswith("| ewc | ewc.lambda=1 |"))
+    assert line.split("|")[3].strip() == f"{nll(base) - nll(run):+.4f}"
+
+
+@pytest.mark.skipif(not (RESULTS / "protocol.json").is_file(), reason="no committed study in results/study")
+def test_the_committed_study_report_is_what_its_records_give(tmp_path):
+    copy = rebuild(RESULTS, tmp_path)
+    for name in ("study.md", "study.csv"):
+        assert (copy / name).read_bytes() == (RESULTS / name).read_bytes(), name
+
+
+@pytest.mark.skipif(not (RESULTS / "study.md").is_file(), reason="no committed study in results/study")
+def test_every_table_row_of_the_readme_results_section_is_in_the_study_report():
+    readme = (RESULTS.parent.parent / "README.md").read_text()
+    section = readme.split("## The study", 1)[1].split("\n## ", 1)[0]
+    report = (RESULTS / "study.md").read_text().splitlines()
+    rows = [x for x in section.splitlines() if x.startswith("| ") and not x.startswith("| method")
+            and not x.startswith("| difference")]
+    assert rows, "the README's study section has no table"
+    assert [x for x in rows if x not in report] == []
+
+
+def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes(tmp_path, smollm_dir):
+    # Six tiny-model runs, two at a time (about 40 s here).
+    model = sweep.quick_model(tmp_path)
+    protocol = dict(PROTOCOL, train_flags=["--eval", "quick", "--max-steps", "2", "--batch-size", "4",
+                                           "--max-len", "128", "--model", str(model)],
+                    methods={"full": {"lr": ["1e-4", "1e-3"]}, "l2-init": {"l2-init.lambda": ["0.1", "10"]}})
+    file = tmp_path / "protocol.json"
+    file.write_text(json.dumps(protocol))
+    results, out = tmp_path / "results", tmp_path / "runs"
+    argv = ["--protocol", str(file), "--results", str(results), "--out", str(out), "--jobs", "2"]
+    sweep.main(argv)
+    records = sorted(p.name for p in (results / "runs").glob("*.json"))
+    chosen = study.select(protocol, [r for r in study.rows_of(*study.read_results_dir(results)) if r["split"] == "dev"])
+    assert len(records) == 6 and set(chosen) == {"full", "l2-init"}
+    for method, c in chosen.items():
+        for seed in (0, 1):
+            assert sweep.Run(method, c["params"], seed).name + ".json" in records
+    record = json.loads((results / "runs" / records[0]).read_text())
+    assert {it["split"] for it in record["items"]["domain_recall"]} == {"dev", "test"}  # one pass, both halves
+    assert "prompt" not in record["items"]["domain_recall"][0] and record["cpu_s"] > 0
+    assert json.loads((results / "base.json").read_text())["eval"] == "quick"
+    later_log = (out / "logs" / f"{sweep.Run('full', {'lr': '1e-3'}, 0).name}.log").read_text()
+    assert "[before] evaluation (quick, all split) read back from" in later_log  # the base model evaluated once
+    assert (results / "study.md").is_file() and (results / "study.csv").is_file()
+
+    mtimes = {p: p.stat().st_mtime for p in (results / "runs").glob("*.json")}
+    sweep.main(argv)  # resumed: every record is there, nothing runs again
+    assert {p: p.stat().st_mtime for p in (results / "runs").glob("*.json")} == mtimes
+    protocol["seeds"] = [0, 1, 2]
+    file.write_text(json.dumps(protocol))
+    with pytest.raises(ForgetlabError, match="holds another protocol's runs"):
+        sweep.main(argv)
