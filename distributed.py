@@ -36,8 +36,8 @@ tiny model, --eval quick: 4.8 s before / 4.8 s after on rank 0 of 2 against 4.9 
 Limits. Every rank loads the whole model first (model/checkpoint.py reads it into memory; FSDP2 shards it
 afterwards), so the model must fit one device's memory once, without its gradients and optimizer state; the
 Fisher is estimated on that whole model too, with one full-size float32 accumulator per rank, before
-`EWC.shard_like` keeps 1/N of it. Two built-in methods run under DDP only (FSDP_UNSUPPORTED: a one-line
-error with --fsdp).
+`EWC.shard_like` keeps 1/N of it. The kl method's "copy" teacher is an unsharded copy on every rank (its
+"cache" teacher, the default, is not a model). Every built-in method runs under both DDP and FSDP2.
 Dropout masks are drawn per rank: with dropout > 0, N ranks give a run that is statistically, not bitwise,
 the one-process run (the equality tests use dropout 0).
 """
@@ -229,25 +229,12 @@ def shard(model: nn.Module, device: str) -> nn.Module:
     return model
 
 
-# Built-in methods that run under DDP only, and why. The others' per-parameter state follows FSDP2's sharding:
-# EWC's F and θ* (EWC.shard_like), l2-init's and wise-ft's θ₀ (their `shard` hooks), MoFO's moments (made like
-# the sharded parameters; its top-k is taken over the gathered |m|).
-FSDP_UNSUPPORTED = {
-    "kl": "its logits come through model.hidden, outside the forward hooks in which FSDP2 gathers the weights",
-    "ewc-lora": "its penalty multiplies each adapter's B and A, which FSDP2 shards along different dimensions",
-}
-
-
-def check_fsdp_method(name: str):
-    if name in FSDP_UNSUPPORTED:
-        raise ForgetlabError(f"--fsdp: the {name} method runs under DDP only ({FSDP_UNSUPPORTED[name]}); "
-                             f"run it with torchrun without --fsdp")
-
-
 def shard_method_state(method, model: nn.Module):
     """After `shard`: FSDP2 replaced the model's parameters by sharded DTensors, so a method's state that refers
-    to the old ones must follow. A method (a plug-in too) that defines `shard(model)` does it itself; otherwise
-    every ewc.EWC among its attributes is laid out like the new parameters (EWC.shard_like)."""
+    to the old ones must follow. A method (a plug-in too) that defines `shard(model)` does it itself (the
+    built-ins: l2-init's and wise-ft's θ₀, ewc-lora's F; MoFO's moments are made like the sharded parameters,
+    and kl's student goes through the sharded forward); otherwise every ewc.EWC among its attributes is laid
+    out like the new parameters (EWC.shard_like)."""
     from ewc import EWC
     if hasattr(method, "shard"):
         method.shard(model)

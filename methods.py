@@ -680,9 +680,13 @@ class KLToBase(Method):
     def logits(self, model, batch) -> torch.Tensor:
         """(N, vocab) float32 logits / T at the batch's N labelled positions (where the next token is an answer
         token): lm_head only there, so the whole (B, T, vocab) tensor is never built."""
-        device = model.lm_head.weight.device
+        from distributed import is_sharded
+
+        device = local(model.lm_head.weight).device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         where = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+        if is_sharded(model):  # FSDP2 gathers the weights inside forward only: all (B, T, vocab) logits, then N
+            return model(ids, attention_mask=mask)[:, :-1][where].float() / self.options.temperature
         h = model.hidden(ids, attention_mask=mask)[:, :-1][where]
         return model.lm_head(h).float() / self.options.temperature
 
@@ -710,6 +714,16 @@ class KLToBase(Method):
 
     def extra_loss(self, model, step):
         return self.options.beta * self.kl(model, step)
+
+
+def gathered_for_autograd(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded DTensor parameter as a plain tensor that autograd sees through: its gradient, a
+    partial sum on each rank, is summed and scattered back to the shards (reduce-scatter). t itself when plain."""
+    if not is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Partial, Replicate
+    return t.redistribute(placements=[Replicate()] * len(t.placements)).to_local(
+        grad_placements=[Partial()] * len(t.placements))
 
 
 @register("ewc-lora")
@@ -751,12 +765,26 @@ class EWCLoRA(Method):
         apply_lora_options(model, self.groups["lora"])
         self.modules = lora_modules(model)
 
+    def shard(self, model):
+        """Under FSDP2 (distributed.shard_method_state): follow the sharded adapters, and lay each F out like its
+        B (rows: FSDP2 shards B's and ΔW's output dimension alike), so that each rank penalizes its rows of ΔW."""
+        from distributed import distribute_like
+
+        self.modules = lora_modules(model)
+        self.fisher = {n: distribute_like(f, self.modules[n].lora_B.weight) for n, f in self.fisher.items()}
+
     def penalty(self) -> torch.Tensor:
         total = 0.0
         for n, m in self.modules.items():
-            delta = (m.lora_B.weight @ m.lora_A.weight) * m.scale  # ΔW = s·B·A, (out, in)
-            total = total + (self.fisher[n] * delta.square()).sum(dtype=torch.float32)
-        return self.groups["ewc"].lambda_ / 2 * total
+            delta = (local(m.lora_B.weight) @ gathered_for_autograd(m.lora_A.weight)) * m.scale  # ΔW = s·B·A
+            total = total + (local(self.fisher[n]) * delta.square()).sum(dtype=torch.float32)
+        total = self.groups["ewc"].lambda_ / 2 * total
+        if not is_dtensor(self.fisher[next(iter(self.fisher))]):
+            return total
+        # under FSDP2 each rank holds its rows of ΔW: backpropagate those, report the sum over the ranks
+        whole = total.detach().clone()
+        torch.distributed.all_reduce(whole)
+        return total + (whole - total.detach())
 
     def extra_loss(self, model, step):
         return self.penalty()

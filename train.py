@@ -549,8 +549,6 @@ def start(cfg, method) -> tuple[str, str | None, Path]:
     check what distribution asks of the flags, and fix the output directory (rank 0's timestamp, if it is one)."""
     device, backend = distributed.init(resolve_device(cfg.device), cfg.fsdp, cfg.backend)
     distributed.check_batch_size(cfg.batch_size)
-    if cfg.fsdp:
-        distributed.check_fsdp_method(method.name)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     return device, backend, Path(distributed.broadcast_object(str(output_dir(cfg, method))))

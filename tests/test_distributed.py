@@ -338,7 +338,8 @@ def test_fsdp2_model_saved_by_rank_0_loads_in_one_process_with_the_sharded_logit
 # end an epoch with a batch of 3 rows, split 2 + 1 over the ranks; dropout 0, whose masks are per rank.
 COMMON = ["--max-steps", "4", "--grad-accum", "2", "--lr", "1e-3"]
 METHODS = {"full": [], "lora": ["--lora.dropout", "0"], "ewc": [], "replay": [], "l2-init": ["--l2-init.lambda", "50"],
-           "mofo": ["--mofo.fraction", "0.3"], "wise-ft": ["--wise-ft.alpha", "0.5"]}
+           "mofo": ["--mofo.fraction", "0.3"], "wise-ft": ["--wise-ft.alpha", "0.5"], "kl": ["--kl.beta", "1"],
+           "kl-copy": ["--kl.teacher", "copy", "--kl.beta", "1"], "ewc-lora": ["--lora.dropout", "0", "--ewc.lambda", "1000"]}  # a name-copy key runs method name
 
 
 def train_on_ranks(argvs: list[list[str]]):
@@ -356,7 +357,7 @@ def loss_runs(tiny_dir, tiny_data, tmp_path_factory):
     outs = {(mode, m): root / f"{mode}-{m}" for mode in ("one", "ddp", "fsdp") for m in METHODS}
 
     def argv(mode, m):
-        return tiny_args(tiny_dir, tiny_data, outs[mode, m], "--method", m, *COMMON, *METHODS[m],
+        return tiny_args(tiny_dir, tiny_data, outs[mode, m], "--method", m.removesuffix("-copy"), *COMMON, *METHODS[m],
                          *(["--fsdp"] if mode == "fsdp" else []))
     for m in METHODS:
         train.main(argv("one", m))
@@ -449,14 +450,11 @@ def every_method_on_ranks(tiny_dir, tiny_data, root, fsdp) -> dict:
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_every_builtin_method_runs_on_2_ranks_or_refuses_fsdp_in_one_line(tiny_dir, tiny_data, tmp_path, fsdp):
+def test_every_builtin_method_runs_on_2_ranks(tiny_dir, tiny_data, tmp_path, fsdp):
     outcome = run_ranks(every_method_on_ranks, tmp_path, tiny_dir, tiny_data, str(tmp_path), fsdp)[0]
     for m, result in outcome.items():
-        if fsdp and m in distributed.FSDP_UNSUPPORTED:
-            assert result.startswith(f"--fsdp: the {m} method runs under DDP only ("), result
-        else:
-            assert result == "ok", (m, result)
-            assert any((tmp_path / f"{fsdp}-{m}" / name).is_dir() for name in ("model", "adapter")), m
+        assert result == "ok", (m, result)
+        assert any((tmp_path / f"{fsdp}-{m}" / name).is_dir() for name in ("model", "adapter")), m
 
 
 def test_cli_errors_of_distribution_are_one_line(tiny_dir, tiny_data, tmp_path):
@@ -479,6 +477,39 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused(monkeypatch):
     with pytest.raises(ForgetlabError, match="--batch-size 8 is not divisible by the world size 3"):
         distributed.check_batch_size(8)
     distributed.check_batch_size(9)
+
+
+def ewc_lora_penalty_and_grads(sharded: bool):
+    """EWC-LoRA's penalty and its gradients for B ≠ 0 (A's gradient is then not zero), on one process or on
+    FSDP2 shards (gathered)."""
+    import train
+    from lora import lora_modules
+
+    _, method = train.parse_config(["--method", "ewc-lora", "--ewc.lambda", "10"])
+    model = tiny_llama(seed=0)
+    method.configure(model)
+    g = torch.Generator().manual_seed(3)
+    method.fisher = {}
+    for n, m in lora_modules(model).items():
+        with torch.no_grad():
+            m.lora_B.weight.normal_(generator=g)
+        method.fisher[n] = torch.rand(m.lora_B.weight.shape[0], m.lora_A.weight.shape[1], generator=g)
+    if sharded:
+        distributed.shard(model, "cpu")
+        distributed.shard_method_state(method, model)
+    value = method.penalty()
+    value.backward()
+    return float(value.detach()), {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_ewc_lora_penalty_and_its_gradients_on_fsdp2_shards_equal_one_process(tmp_path):
+    value, grads = ewc_lora_penalty_and_grads(False)
+    assert any("lora_A" in n for n in grads) and all(g.abs().max() > 0 for g in grads.values())
+    for r_value, r_grads in run_ranks(ewc_lora_penalty_and_grads, tmp_path, True):
+        assert abs(r_value - value) <= 1e-5 * value
+        assert r_grads.keys() == grads.keys()
+        for n in grads:
+            torch.testing.assert_close(r_grads[n], grads[n], rtol=1e-5, atol=1e-6 * float(grads[n].abs().max()), msg=n)
 
 
 def test_wise_ft_extra_alphas_under_fsdp2_are_refused_before_training():
