@@ -21,7 +21,8 @@ Output directory (--out, default runs/<method>-<timestamp>):
     results.json    before / after evaluation and their comparison, plus the training summary (and
                     "after_variants": a method's further models, e.g. wise-ft's α, each compared with before)
     report.md       the same, readable
-    before.json     the "before" evaluation alone, so that --resume need not evaluate the base model again
+    before.json     the "before" evaluation alone, with its level, split and the base weights' sha256, so that
+                    --resume, or another run on the same base model (--before FILE), need not evaluate it again
     checkpoints/    with --save-every: step-<N>/ resumable training states, the last 2 (see train_state.py)
 
 Reliability: a run killed at any point and resumed with --resume ends with the same weights, bit for bit on

@@ -3,6 +3,12 @@
     python scripts/sweep.py                                           # full, lora, ewc, replay x seeds 0,1,2
     python scripts/sweep.py --methods full,ewc,l2-init --grid ewc.lambda=0.1,0.5,2 --grid lr=1e-4,2e-4 --eval quick
     python scripts/sweep.py --quick                                   # a tiny random model, seconds per run
+    python scripts/sweep.py --protocol configs/study.json --results results/study --jobs 2   # the study
+    python scripts/sweep.py --report results/study                    # its tables and figures, rebuilt
+
+--protocol runs a study fixed in advance (settings chosen on dev by a coded rule, then seeds reported on test)
+and keeps one small record per run in --results; --report rebuilds its report from those records alone. Both are
+described in scripts/study.py; the rest of this docstring is about free grids.
 
 Each grid point is one `python train.py ...` run in its own process, written to DIR/<run-name>/ (DIR = --out,
 default runs/sweep). A run whose results.json exists is skipped, so an interrupted sweep picks up where it
@@ -383,7 +389,20 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
     from errors import read_json_object
     from model.checkpoint import write_atomic_text
 
-    protocol = study.check_protocol(read_json_object(protocol_file, "study protocol"), protocol_file, grid_keys)
+    import train
+    from methods import get_method
+
+    protocol = read_json_object(protocol_file, "study protocol")
+    try:  # an unknown method or a bad train flag fails now, not after hours of other runs
+        for m in [*protocol.get("methods", {}), *(c.get("method") for c in protocol.get("controls", {}).values())]:
+            get_method(m)
+        protocol = study.check_protocol(protocol, protocol_file, grid_keys)
+        first = protocol["seeds"][0]
+        for m in protocol["methods"]:
+            for params in study.settings(protocol, m):
+                train.parse_config([*study_argv(protocol, Run(m, params, first)), "--out", str(out / "not-made")])
+    except ForgetlabError as e:
+        raise ForgetlabError(str(e) if str(e).startswith(protocol_file) else f"{protocol_file}: {e}") from None
     (results / "runs").mkdir(parents=True, exist_ok=True)
     saved = results / "protocol.json"
     if saved.is_file() and study.essentials(json.loads(saved.read_text())) != study.essentials(protocol):
@@ -432,7 +451,6 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(one, todo))
 
-    first = protocol["seeds"][0]
     execute([Run(m, p, first) for m in protocol["methods"] for p in study.settings(protocol, m)])
     if not (results / "base.json").is_file():
         raise ForgetlabError(f"the first study run failed ({', '.join(failed)}), so the base model was not evaluated: "

@@ -1,6 +1,7 @@
 """The study (scripts/study.py, run by sweep.py --protocol): the selection rule, the protocol's checks, the report
 rebuilt byte for byte from records alone, and one real protocol run on tiny models."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def test_a_protocol_with_unequal_grids_or_a_per_run_flag_is_refused():
     with pytest.raises(ForgetlabError, match="'lora.r' is not a key ewc reads"):
         study.check_protocol(dict(PROTOCOL, methods={"full": {"lr": ["1"]}, "ewc": {"lora.r": ["4"]}}), "p.json",
                              sweep.grid_keys)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(methods={"full": {"lr": ["1e-4"]}, "nope": {"lr": ["1e-4"]}}), "protocol.json: --method 'nope' is unknown"),
+    (dict(train_flags=["--epochs", "0"]), "--epochs must be >= 1"),
+    (dict(methods={"full": {"lr": ["1e-4"]}, "ewc": {"lora.r": ["4"]}}), "'lora.r' is not a key ewc reads")])
+def test_a_bad_protocol_fails_before_any_run(tmp_path, monkeypatch, change, message):
+    monkeypatch.setattr(sweep, "run_train", lambda *a: pytest.fail("a run started"))
+    file = tmp_path / "protocol.json"
+    file.write_text(json.dumps({**PROTOCOL, **change}))
+    with pytest.raises(ForgetlabError, match=re.escape(message)):
+        sweep.main(["--protocol", str(file), "--results", str(tmp_path / "results")])
 
 
 def test_controls_take_the_setting_chosen_for_the_method_they_control():

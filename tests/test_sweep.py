@@ -119,7 +119,7 @@ def test_resuming_a_run_with_other_train_flags_is_refused(tmp_path, monkeypatch)
 
 def test_failed_run_is_reported_after_the_others_are_tabulated(tmp_path, monkeypatch):
     write_run(tmp_path, "full-seed0", fake_results(0.1, 0.1))
-    monkeypatch.setattr(sweep, "run_train", lambda argv, log, env: (log.write_text("boom\n"), (1, 0.1, 10.0))[1])
+    monkeypatch.setattr(sweep, "run_train", lambda argv, log, env: (log.write_text("boom\n"), (1, 0.1, 10.0, 0.1))[1])
     with pytest.raises(ForgetlabError, match=r"1 of 2 runs failed \(full-seed1\)"):
         sweep.main(["--methods", "full", "--seeds", "0,1", "--out", str(tmp_path)])
     assert len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 1
