@@ -9,6 +9,7 @@ The protocol (a JSON file, copied into the results directory as protocol.json) n
     methods       {method: {grid key: [values]}}: every method gets the same number of settings
     controls      {name: {method, like, rename, params}}: run with every seed at the setting chosen for the
                   method it is `like` (keys renamed, params added), e.g. l2-init at EWC's λ (optional)
+    compare       [[A, B], ...]: further differences A − B to report, paired (optional; not compared on resume)
     seeds         the seeds of the reported runs; the first one is also the seed of the dev stage
     selection     the rule that picks each method's setting on the dev split (select(), below)
 Two stages:
@@ -95,6 +96,10 @@ def check_protocol(protocol: dict, where: str, grid_keys=None) -> dict:
         need(isinstance(c, dict) and c.get("method") and c.get("like") in methods,
              f"controls.{name} needs a method and 'like', one of the methods (whose chosen setting it takes)")
         need(name not in methods, f"controls.{name}: a control may not be named like a method")
+    compare = protocol.get("compare", [])
+    need(isinstance(compare, list) and all(isinstance(c, list) and len(c) == 2 and set(c) <= set(methods) | set(controls)
+                                           for c in compare),
+         "compare must be a list of [A, B] pairs of method or control names (A − B is reported, paired)")
     if grid_keys is not None:
         keys = grid_keys(list(methods))
         for m, axes in methods.items():
@@ -352,6 +357,8 @@ def report_md(protocol: dict, base: dict, runs: list[dict]) -> str:
     pairings = [(f"each method minus {ref}", [(m, ref) for m in test if m != ref and m in chosen])] if ref in test else []
     controls = [(name, c["like"]) for name, c in protocol.get("controls", {}).items() if name in test]
     pairings += [("each control minus the method it controls", [(c, like) for c, like in controls])] if controls else []
+    extra = [(a, b) for a, b in protocol.get("compare", []) if a in test and b in test]
+    pairings += [("the protocol's further comparisons", extra)] if extra else []
     for title, pairs_of in pairings:
         out += ["", f"## Test: {title}, paired by seed", "",
                 "The difference at each seed both ran, then its mean and 95% t interval over those seeds.", "",
