@@ -437,7 +437,7 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
 
     def execute(runs: list[Run]):
         todo = []
-        for run in runs:
+        for run in {r.name: r for r in runs}.values():  # once each: a control may be a method's own setting
             record = results / "runs" / f"{run.name}.json"
             if record.is_file():
                 if json.loads(record.read_text()).get("argv") != study_argv(protocol, run):

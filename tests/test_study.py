@@ -129,18 +129,21 @@ def test_every_table_row_of_the_readme_results_section_is_in_the_study_report():
     assert [x for x in rows if x not in report] == []
 
 
-def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes(tmp_path, smollm_dir):
+def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes(tmp_path, smollm_dir, capsys):
     # Six tiny-model runs, two at a time (about 40 s here).
     model = sweep.quick_model(tmp_path)
     protocol = dict(PROTOCOL, train_flags=["--eval", "quick", "--max-steps", "2", "--batch-size", "4",
                                            "--max-len", "128", "--model", str(model)],
-                    methods={"full": {"lr": ["1e-4", "1e-3"]}, "l2-init": {"l2-init.lambda": ["0.1", "10"]}})
+                    methods={"full": {"lr": ["1e-4", "1e-3"]}, "l2-init": {"l2-init.lambda": ["0.1", "10"]}},
+                    controls={"again": {"method": "l2-init", "like": "l2-init"}})  # the very runs of l2-init
     file = tmp_path / "protocol.json"
     file.write_text(json.dumps(protocol))
     results, out = tmp_path / "results", tmp_path / "runs"
     argv = ["--protocol", str(file), "--results", str(results), "--out", str(out), "--jobs", "2"]
     sweep.main(argv)
     records = sorted(p.name for p in (results / "runs").glob("*.json"))
+    started = [line for line in capsys.readouterr().err.splitlines() if line.endswith(": running")]
+    assert len(started) == len(set(started)) == 6  # each run once, the control's shared with l2-init
     chosen = study.select(protocol, [r for r in study.rows_of(*study.read_results_dir(results)) if r["split"] == "dev"])
     assert len(records) == 6 and set(chosen) == {"full", "l2-init"}
     for method, c in chosen.items():
