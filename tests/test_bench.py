@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_bench(*flags, timeout=120) -> str:
+def run_bench(*flags, timeout=600) -> str:  # a guard against a hang, not a speed check
     p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *flags], capture_output=True,
                        text=True, env=ENV, timeout=timeout, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -100,6 +100,6 @@ def test_single_workload_ends_with_tokens_per_s():
 
 def test_hf_has_no_ewc_workload():
     p = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--mode", "ewc", "--impl", "hf",
-                        "--quick"], capture_output=True, text=True, env=ENV, timeout=60, cwd=REPO)
+                        "--quick"], capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --impl hf has no EWC workload")
