@@ -317,8 +317,8 @@ TEST_FORGET = ["forgetting", "lambada_nll", "lambada", "arc_easy", "general_qa"]
 WORSE_WHEN_HIGHER = {"forgetting", "lambada_nll"}  # the other forgetting columns are accuracies: lower is worse
 
 
-def report_md(protocol: dict, base: dict, runs: list[dict]) -> str:
-    rows = rows_of(protocol, base, runs)
+def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) -> str:
+    """study.md from the records and their rows (rows_of: computed once for the tables, the csv and the figures)."""
     dev = [r for r in rows if r["split"] == "dev"]
     chosen = select(protocol, dev)
     first = protocol["seeds"][0]
@@ -402,17 +402,17 @@ def report_md(protocol: dict, base: dict, runs: list[dict]) -> str:
 CSV_COLUMNS = ["method", "setting", "seed", "split", *QUANTITIES, *LEVELS_AFTER, "wall_s", "cpu_s"]
 
 
-def report_csv(protocol: dict, base: dict, runs: list[dict]) -> str:
+def report_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
-    for r in rows_of(protocol, base, runs):
+    for r in rows:
         w.writerow({k: ("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k))
                     for k in CSV_COLUMNS if k != "setting"} | {"setting": label(r["params"])})
     return buf.getvalue()
 
 
-def figures(protocol: dict, base: dict, runs: list[dict], out: Path) -> list[str]:
+def figures(protocol: dict, base: dict, runs: list[dict], rows: list[dict], out: Path) -> list[str]:
     """plane.png (recall gain vs forgetting: every test run, per-method means with 95% t bars, the Pareto front
     of the means) and benchmarks.png (accuracy before and after per method). Needs matplotlib; returns the
     files written."""
@@ -423,7 +423,6 @@ def figures(protocol: dict, base: dict, runs: list[dict], out: Path) -> list[str
     except ImportError:
         print("study: matplotlib is not installed: figures skipped", file=sys.stderr)
         return []
-    rows = rows_of(protocol, base, runs)
     groups = test_groups(protocol, select(protocol, [r for r in rows if r["split"] == "dev"]))
     test = {name: [r for r in rows if r["split"] == "test" and r["method"] == m and r["params"] == params]
             for name, m, params in groups}
@@ -490,6 +489,7 @@ def write_report(results: Path) -> list[str]:
     """study.md, study.csv and the figures in `results`, from its protocol.json, base.json and runs/ alone."""
     results = Path(results)
     protocol, base, runs = read_results_dir(results)
-    (results / "study.md").write_text(report_md(protocol, base, runs))
-    (results / "study.csv").write_text(report_csv(protocol, base, runs))
-    return ["study.md", "study.csv", *figures(protocol, base, runs, results)]
+    rows = rows_of(protocol, base, runs)  # every run's metrics per split: bootstraps, so computed once
+    (results / "study.md").write_text(report_md(protocol, base, runs, rows))
+    (results / "study.csv").write_text(report_csv(rows))
+    return ["study.md", "study.csv", *figures(protocol, base, runs, rows, results)]
