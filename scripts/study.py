@@ -108,10 +108,19 @@ def check_protocol(protocol: dict, where: str, grid_keys=None) -> dict:
     return protocol
 
 
-def essentials(protocol: dict) -> dict:
-    """What decides the runs and the selection (not the description): two protocols with the same essentials
-    may share a results directory."""
-    return {k: protocol.get(k) for k in ("train_flags", "methods", "controls", "seeds", "selection")}
+def amendment_error(saved: dict, protocol: dict) -> str | None:
+    """Why `protocol` may not take over a results directory made under `saved`, or None. The same essentials (what
+    decides the runs and the selection: not the description or the compare list) may; so may an amendment that
+    only adds methods or controls, since the runs already made and the settings already chosen stay valid."""
+    for key in ("train_flags", "seeds", "selection"):
+        if saved.get(key) != protocol.get(key):
+            return f"its {key} differ"
+    for key in ("methods", "controls"):
+        old, new = saved.get(key) or {}, protocol.get(key) or {}
+        changed = [name for name in old if old[name] != new.get(name)]
+        if changed:
+            return f"{key} {', '.join(changed)} changed or removed (an amendment may only add {key})"
+    return None
 
 
 def settings(protocol: dict, method: str) -> list[dict]:
@@ -140,6 +149,25 @@ def compact(evaluation: dict) -> dict:
         out[name] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in it.items() if k in keep}
                      for it in res["items"]]
     return out
+
+
+def differences(a: dict, b: dict) -> tuple[int, int, float]:
+    """Two compact evaluations of the same items, compared: (items compared, items whose scores differ, the
+    largest absolute difference of a float score). An item in only one of them counts as differing."""
+    compared = differ = 0
+    largest = 0.0
+    for task in set(a) | set(b):
+        rows_a, rows_b = ({it["id"]: it for it in e.get(task, [])} for e in (a, b))
+        for i in rows_a.keys() | rows_b.keys():
+            x, y = rows_a.get(i), rows_b.get(i)
+            compared += 1
+            if x is None or y is None or x.keys() != y.keys():
+                differ += 1
+                continue
+            gaps = [abs(x[k] - y[k]) for k in x if isinstance(x[k], float)]
+            largest = max([largest, *gaps])
+            differ += any(x[k] != y[k] for k in x)
+    return compared, differ, largest
 
 
 def split_metrics(items: dict, split: str) -> dict:

@@ -405,8 +405,8 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
         raise ForgetlabError(str(e) if str(e).startswith(protocol_file) else f"{protocol_file}: {e}") from None
     (results / "runs").mkdir(parents=True, exist_ok=True)
     saved = results / "protocol.json"
-    if saved.is_file() and study.essentials(json.loads(saved.read_text())) != study.essentials(protocol):
-        raise ForgetlabError(f"{saved} holds another protocol's runs: use another --results directory")
+    if saved.is_file() and (why := study.amendment_error(json.loads(saved.read_text()), protocol)):
+        raise ForgetlabError(f"{saved} holds another protocol's runs ({why}): use another --results directory")
     write_atomic_text(saved, json.dumps(protocol, indent=2) + "\n")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     before, failed = out / "before.json", []
@@ -427,11 +427,17 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
             return
         if not before.is_file():
             shutil.copyfile(run_dir / "before.json", before)
-        if not (results / "base.json").is_file():
             saved_before = json.loads(before.read_text())
-            write_atomic_text(results / "base.json", json.dumps(dict(
-                weights_sha256=saved_before["weights_sha256"], eval=saved_before["eval"],
-                items=study.compact(saved_before["results"]))) + "\n")
+            base = dict(weights_sha256=saved_before["weights_sha256"], eval=saved_before["eval"],
+                        items=study.compact(saved_before["results"]))
+            if (results / "base.json").is_file():  # a later sitting evaluated the base again: does it reproduce?
+                n, differ, largest = study.differences(json.loads((results / "base.json").read_text())["items"],
+                                                       base["items"])
+                print(f"study: the base model evaluated again in this sitting: {differ} of {n} items differ from "
+                      f"{results / 'base.json'} (largest score difference {largest:.5f}); the report reads "
+                      f"base.json", file=sys.stderr)
+            else:
+                write_atomic_text(results / "base.json", json.dumps(base) + "\n")
         write_atomic_text(record, json.dumps(study_record(run, run_dir, argv, wall, cpu, peak)) + "\n")
         print(f"study: {run.name}: done in {wall:.0f} s", file=sys.stderr)
 

@@ -70,6 +70,27 @@ def test_a_bad_protocol_fails_before_any_run(tmp_path, monkeypatch, change, mess
         sweep.main(["--protocol", str(file), "--results", str(tmp_path / "results")])
 
 
+def test_a_results_directory_takes_an_amendment_that_only_adds_methods_or_controls():
+    added = dict(PROTOCOL, methods={**PROTOCOL["methods"], "replay": {"replay-fraction": ["0.1", "0.2", "0.4"]}},
+                 controls={"l2": {"method": "l2-init", "like": "ewc"}}, description="amended")
+    assert study.amendment_error(PROTOCOL, added) is None and study.amendment_error(PROTOCOL, PROTOCOL) is None
+    regrid = dict(PROTOCOL, methods={**PROTOCOL["methods"], "ewc": {"ewc.lambda": ["1", "10", "1000"]}})
+    assert "methods ewc changed or removed" in study.amendment_error(PROTOCOL, regrid)
+    assert "methods full changed or removed" in study.amendment_error(
+        PROTOCOL, dict(PROTOCOL, methods={"ewc": PROTOCOL["methods"]["ewc"]}))
+    assert "controls l2 changed" in study.amendment_error(added, dict(added, controls={}))
+    assert "seeds differ" in study.amendment_error(PROTOCOL, dict(PROTOCOL, seeds=[0, 1, 2]))
+
+
+def test_two_evaluations_of_the_base_model_are_compared_item_by_item():
+    a = {"ppl": [{"id": "t:1", "nll": 2.5, "tokens": 10}, {"id": "t:2", "nll": 3.0, "tokens": 4}],
+         "general_qa": [{"id": "q:1", "correct": True}]}
+    assert study.differences(a, a) == (3, 0, 0.0)
+    b = {"ppl": [{"id": "t:1", "nll": 2.5, "tokens": 10}, {"id": "t:2", "nll": 3.25, "tokens": 4}],
+         "general_qa": [{"id": "q:1", "correct": False}, {"id": "q:2", "correct": True}]}
+    assert study.differences(a, b) == (4, 3, 0.25)  # t:2's nll, q:1's answer, and q:2 found in b only
+
+
 def test_controls_take_the_setting_chosen_for_the_method_they_control():
     protocol = dict(PROTOCOL, controls={"l2": {"method": "l2-init", "like": "ewc",
                                                "rename": {"ewc.lambda": "l2-init.lambda"}},
@@ -160,6 +181,11 @@ def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes
     mtimes = {p: p.stat().st_mtime for p in (results / "runs").glob("*.json")}
     sweep.main(argv)  # resumed: every record is there, nothing runs again
     assert {p: p.stat().st_mtime for p in (results / "runs").glob("*.json")} == mtimes
+    (out / "before.json").unlink()  # a later sitting on a fresh machine: the base model is evaluated again
+    (results / "runs" / records[-1]).unlink()
+    capsys.readouterr()
+    sweep.main(argv)
+    assert re.search(r"base model evaluated again in this sitting: 0 of \d+ items differ", capsys.readouterr().err)
     protocol["seeds"] = [0, 1, 2]
     file.write_text(json.dumps(protocol))
     with pytest.raises(ForgetlabError, match="holds another protocol's runs"):
