@@ -452,12 +452,12 @@ def figures(protocol: dict, base: dict, runs: list[dict], rows: list[dict], out:
         print("study: matplotlib is not installed: figures skipped", file=sys.stderr)
         return []
     groups = test_groups(protocol, select(protocol, [r for r in rows if r["split"] == "dev"]))
-    drawn_as = {}  # a control that is a method's very setting (l2-init at ewc's λ = l2-init's) is drawn once
+    drawn = {}  # a control that is a method's very setting (l2-init at ewc's λ = l2-init's) is drawn once
     for name, m, params in groups:
-        drawn_as.setdefault((m, label(params)), []).append(name)
-    test = {" = ".join(drawn_as[m, label(params)]):
+        drawn.setdefault((m, label(params)), (m, params, []))[2].append(name)
+    test = {" = ".join(names):
             [r for r in rows if r["split"] == "test" and r["method"] == m and r["params"] == params]
-            for _, m, params in groups}
+            for m, params, names in drawn.values()}
     test = {m: rs for m, rs in test.items() if rs}
     if not test:
         return []

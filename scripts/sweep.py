@@ -403,10 +403,10 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
                 train.parse_config([*study_argv(protocol, Run(m, params, first)), "--out", str(out / "not-made")])
     except ForgetlabError as e:
         raise ForgetlabError(str(e) if str(e).startswith(protocol_file) else f"{protocol_file}: {e}") from None
-    (results / "runs").mkdir(parents=True, exist_ok=True)
     saved = results / "protocol.json"
     if saved.is_file() and (why := study.amendment_error(json.loads(saved.read_text()), protocol)):
         raise ForgetlabError(f"{saved} holds another protocol's runs ({why}): use another --results directory")
+    (results / "runs").mkdir(parents=True, exist_ok=True)
     write_atomic_text(saved, json.dumps(protocol, indent=2) + "\n")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     before, failed = out / "before.json", []
