@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from errors import ForgetlabError
+from errors import DuplicateKeyError, ForgetlabError, loads_strict
 from model import IGNORE_INDEX
 
 FORMATS = {  # name -> required string fields (chat is checked separately)
@@ -53,9 +53,11 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = loads_strict(text)
         except json.JSONDecodeError as e:
             raise ForgetlabError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except DuplicateKeyError as e:
+            raise ForgetlabError(f"{path}:{lineno}: {e} in one row (which one is meant?)") from None
         except RecursionError:
             raise ForgetlabError(f"{path}:{lineno}: JSON nested too deeply") from None
         if not isinstance(row, dict):

@@ -5,7 +5,8 @@
 
 Nothing here is home-made communication: torchrun starts the processes and its rendezvous (--nnodes,
 --rdzv-endpoint) connects the machines; torch.distributed's DistributedDataParallel or FSDP2's `fully_shard`
-(DTensor parameters) reduce the gradients; torch.distributed.checkpoint (DCP) saves sharded state.
+(DTensor parameters) reduce the gradients; torch.distributed.checkpoint's state_dict helpers gather and set the
+sharded state, which train_state.py saves as one safetensors file per rank (never DCP's own pickled format).
 The backend follows the device: gloo on CPU, NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK).
 
 The same global batch as one process. The data order is the single-process one: every rank builds the same
@@ -131,6 +132,16 @@ def comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] alone): e.g. each rank's verdict on its own
+    checkpoint file, so that all of them take the same decision."""
+    if not dist.is_initialized():
+        return [obj]
+    box = [None] * world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def broadcast_object(obj):
@@ -273,14 +284,19 @@ def gradient_sync(module: nn.Module, enabled: bool):
         yield
 
 
+def is_dtensor(t) -> bool:
+    """A DTensor (FSDP2's sharded parameters and whatever is laid out like them)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The part of a DTensor this rank holds (its local shard), or t itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor, gathered (a collective: every rank must call it), or t itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def distribute_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -332,29 +348,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return state if is_main() else {}
-
-
-# ---------------------------------------------------------------------------------------- checkpoints (DCP)
-
-def dcp_save(state: dict, path):
-    """Every rank writes its own shards of `state` (DTensors stay sharded) into the directory `path`."""
-    import torch.distributed.checkpoint as dcp
-    dcp.save(state, checkpoint_id=str(path))
-
-
-def dcp_load(state: dict, path):
-    """Fill `state`'s tensors in place from a `dcp_save` directory (each rank reads its own shards)."""
-    import torch.distributed.checkpoint as dcp
-    dcp.load(state, checkpoint_id=str(path))
-
-
-def training_state(model: nn.Module, optimizer) -> dict:
-    """{"model": ..., "optim": ...} as DCP expects them: sharded DTensors under FSDP2, plain under DDP."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
-    return {"model": model_sd, "optim": optim_sd}
-
-
-def load_training_state(model: nn.Module, optimizer, state: dict):
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-    set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

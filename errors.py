@@ -5,13 +5,49 @@ fit the model) raises `ForgetlabError` with a message that names the file, the l
 is one, and what is wrong. Bugs stay ordinary exceptions, with their tracebacks.
 """
 import argparse
+import errno
 import json
+import math
+import os
+import shutil
 import sys
+import traceback
 from pathlib import Path
 
 
 class ForgetlabError(Exception):
     """A problem with the user's input, reported as one line on stderr and exit code 2."""
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object that names one key twice (json.loads would silently keep the last)."""
+
+
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: the object as a dict, DuplicateKeyError if a key appears twice."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise DuplicateKeyError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def loads_strict(text: str):
+    """json.loads, refusing an object with a repeated key (DuplicateKeyError): every JSON a user hands
+    forgetlab is parsed through here."""
+    return json.loads(text, object_pairs_hook=unique_keys)
+
+
+def finite_float(text: str) -> float:
+    """argparse type for a float flag: a number, and a finite one (nan and inf would poison every weight)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
 
 
 def read_json_object(path, what: str) -> dict:
@@ -22,9 +58,11 @@ def read_json_object(path, what: str) -> dict:
     if not path.is_file():
         raise ForgetlabError(f"{path}: {what} not found")
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = loads_strict(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ForgetlabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except DuplicateKeyError as e:
+        raise ForgetlabError(f"{path}: not valid {what} ({e})") from None
     except (UnicodeDecodeError, RecursionError, OSError) as e:
         raise ForgetlabError(f"{path}: unreadable {what} ({type(e).__name__})") from None
     if not isinstance(d, dict):
@@ -50,12 +88,43 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ForgetlabError(f"{message} (see {self.prog} --help)")
 
 
+def no_space_error(path, e: OSError, needed_bytes: int | None = None) -> ForgetlabError | None:
+    """The one-line error for a write that found the disk full (ENOSPC, EDQUOT, or safetensors' wording of
+    them), naming the path, the space it needed when known and the space free; None for any other error."""
+    text = str(e)
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
+        or "Disk quota exceeded" in text
+    if not full:
+        return None
+    where = Path(path)
+    existing = next((p for p in (where, *where.absolute().parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    need = f"about {mib(needed_bytes)} needed, " if needed_bytes else ""
+    return ForgetlabError(f"{path}: no space left on the device ({need}{mib(free)} free)")
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (its RANK variable), or a process on its own: the one that prints user errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_cli(main, argv=None):
-    """Call `main(argv)`; print ForgetlabError as one line and exit 2, Ctrl-C as exit 130."""
+    """Call `main(argv)`; print ForgetlabError as one line and exit 2, Ctrl-C as exit 130.
+
+    Under torchrun every rank meets the same user error (they check the same flags and files, and agree on
+    what only one rank can see, e.g. its checkpoint shard): rank 0 prints it, every rank exits 2.
+    FORGETLAB_TRACEBACK=1 prints the traceback behind the line too (e.g. of a plug-in that fails to import)."""
     try:
         main(argv)
     except ForgetlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main_process():
+            if os.environ.get("FORGETLAB_TRACEBACK") == "1":
+                traceback.print_exception(e.__cause__ or e, file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -49,6 +49,7 @@ can be audited and paired.
 """
 import hashlib
 import math
+import os
 import re
 import sys
 import time
@@ -60,7 +61,7 @@ import torch
 
 import stats
 from data import read_jsonl, tokenize_example
-from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
+from errors import ArgumentParser, ForgetlabError, no_space_error, read_json_object, run_cli
 from model import IGNORE_INDEX, eval_mode, generate, left_pad
 
 REPO = Path(__file__).resolve().parent
@@ -676,16 +677,35 @@ def check_results(results: dict, where) -> dict:
         items = res.get("items")
         if not isinstance(items, list) or not all(isinstance(it, dict) and "id" in it for it in items):
             raise ForgetlabError(f"{where}: results.{name}.items is not a list of per-item records with ids")
+        if not items:
+            raise ForgetlabError(f"{where}: results.{name}.items is empty: there is nothing to compare")
         for m in TASKS[name].metrics:
             ci = res.get(f"{m.key}_ci")
             if not isinstance(res.get(m.key), (int, float)) or not (
                     isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)):
                 raise ForgetlabError(f"{where}: results.{name}.{m.key} is not a number with a [lo, hi] interval")
-            if not all(isinstance(it.get(m.field), (bool, int, float)) for it in items):
-                raise ForgetlabError(f"{where}: results.{name}.items lack the number {m.field!r}")
-            if m.weight and not all(isinstance(it.get(m.weight), (int, float)) for it in items):
-                raise ForgetlabError(f"{where}: results.{name}.items lack the weight {m.weight!r}")
+            if not all(finite_number(it.get(m.field)) for it in items):
+                raise ForgetlabError(f"{where}: results.{name}.items lack the finite number {m.field!r} "
+                                     f"(item {next(it['id'] for it in items if not finite_number(it.get(m.field)))})")
+            if m.weight and not all(finite_number(it.get(m.weight)) for it in items):
+                raise ForgetlabError(f"{where}: results.{name}.items lack the finite weight {m.weight!r}")
     return results
+
+
+def finite_number(x) -> bool:
+    """A bool, an int or a finite float: a NaN per-item value would make every paired statistic NaN."""
+    return isinstance(x, (bool, int)) or (isinstance(x, float) and math.isfinite(x))
+
+
+def check_writable_file(path):
+    """--out names a file that can be written: not a directory, inside a directory (or one that can be made).
+    Checked before the evaluation, whose results would otherwise be lost at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise ForgetlabError(f"--out {path}: is a directory; give a file name")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ForgetlabError(f"--out {path}: cannot be written ({parent} is not a writable directory)")
 
 
 def write_json(path, obj):
@@ -694,8 +714,13 @@ def write_json(path, obj):
     from model.checkpoint import write_atomic_text
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic_text(path, text)
+    except OSError as e:
+        raise (no_space_error(path, e, len(text.encode())) or
+               ForgetlabError(f"--out {path}: cannot be written ({e.strerror or e})")) from None
 
 
 def parse_tasks(spec: str) -> tuple[str, ...]:
@@ -732,6 +757,8 @@ def main(argv=None):
                    help="compare two results files (BEFORE AFTER), or the before and after of a train.py run's "
                         "results.json: prints the run's forgetting report again")
     args = p.parse_args(argv)
+    if args.out:
+        check_writable_file(args.out)
 
     if args.compare:
         if len(args.compare) > 2:

@@ -64,6 +64,7 @@ import json
 import math
 import random
 import sys
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,13 @@ def register(name: str):
                 raise TypeError(f"@register({name!r}): option {f.name} needs option(default, help)")
             if option_type(cls.Options, f) is bool and f.default is not False:
                 raise TypeError(f"@register({name!r}): boolean option {f.name} must default to False (a switch)")
+        taken = REGISTRY.get(name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            caller = sys._getframe(1)  # the line of the @register(...) being applied
+            raise ForgetlabError(f"{caller.f_code.co_filename}:{caller.f_lineno}: @register({name!r}): the name is "
+                                 f"taken by {taken.__module__}.{taken.__qualname__}; choose another name")
         cls.name = name
-        REGISTRY[name] = cls
+        REGISTRY[name] = cls  # the same class defined again (its file imported twice) replaces itself
         return cls
     return wrap
 
@@ -188,14 +194,30 @@ def get_method_class(name: str) -> type:
 
 
 def load_method_file(path):
-    """Import a Python file for its @register side effect (`--method-file my_method.py`)."""
+    """Import a Python file for its @register side effect (`--method-file my_method.py`). A file that does not
+    import (a syntax error, an exception at import) is one ForgetlabError naming the file and line of the fault;
+    FORGETLAB_TRACEBACK=1 shows the whole traceback (errors.run_cli)."""
     path = Path(path)
     if not path.is_file():
         raise ForgetlabError(f"{path}: method file not found")
+    if path.suffix != ".py":
+        raise ForgetlabError(f"{path}: a method file is a Python file ending in .py")
     spec = importlib.util.spec_from_file_location(f"forgetlab_user_method_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)  # errors in the user's own code keep their traceback: they are bugs
+    try:
+        spec.loader.exec_module(module)
+    except ForgetlabError:
+        sys.modules.pop(spec.name, None)
+        raise
+    except SyntaxError as e:
+        sys.modules.pop(spec.name, None)
+        raise ForgetlabError(f"{e.filename or path}:{e.lineno}: {type(e).__name__}: {e.msg}") from e
+    except Exception as e:  # the user's code raised while importing: name the deepest line of their file
+        sys.modules.pop(spec.name, None)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        line = f":{frames[-1].lineno}" if frames else ""
+        raise ForgetlabError(f"{path}{line}: {type(e).__name__} while importing the method file: {e}") from e
     return module
 
 
@@ -238,6 +260,9 @@ def make_options(cls, values: dict) -> dict:
             reads = ", ".join(sorted({g for g, _, _ in keys.values()})) or "no options"
             raise ForgetlabError(f"--{key}: not an option of --method {cls.name} (it reads: {reads})"
                                  if group in REGISTRY else f"--{key}: unknown option")
+    for key, value in values.items():  # from the command line, a config.json (--resume) or a sweep grid
+        if keys[key][2] is float and isinstance(value, float) and not math.isfinite(value):
+            raise ForgetlabError(f"--{key} {value}: not a finite number")
     groups = {}
     for g, options_cls in option_groups(cls).items():
         kw = {f.name: values[f"{g}.{flag_name(f)}"] for f in dataclasses.fields(options_cls)
@@ -833,12 +858,30 @@ class SelfReplay(Method):
         h.update(json.dumps([self.options.max_new_tokens, sorted(tok.stop_ids), tok.pad_id]).encode())
         return Path(self.options.cache) / f"{h.hexdigest()[:32]}.json"
 
+    @staticmethod
+    def read_cache(file: Path) -> dict:
+        """{prompt ids as "1,2,3": answer ids} from the cache file; {} when there is none, or when it cannot be
+        read (cut short by a full disk, edited): a cache is derived data, so it is generated again, not fatal."""
+        if not file.is_file():
+            return {}
+        try:
+            cached = json.loads(file.read_text(encoding="utf-8"))
+            if isinstance(cached, dict) and all(isinstance(k, str) and isinstance(v, list) and
+                                                all(isinstance(t, int) for t in v) for k, v in cached.items()):
+                return cached
+            why = "not a map of prompts to answer token ids"
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            why = type(e).__name__
+        print(f"warning: self-replay: ignoring the unreadable cache {file} ({why}): the answers are generated "
+              f"again", file=sys.stderr)
+        return {}
+
     def replay_examples(self, model, tok, cfg, examples):
         from model.checkpoint import write_atomic_text
         from model.generate import eval_mode, generate_ids
 
         file = self.cache_file(model, tok)
-        cached = json.loads(file.read_text()) if file.is_file() else {}
+        cached = self.read_cache(file)
         prompts = [e["input_ids"][:next(i for i, y in enumerate(e["labels"]) if y != IGNORE_INDEX)] for e in examples]
         keys = [",".join(map(str, p)) for p in prompts]
         todo = sorted({k: p for k, p in zip(keys, prompts) if k not in cached}.items(), key=lambda kp: len(kp[1]))

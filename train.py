@@ -28,8 +28,9 @@ Output directory (--out, default runs/<method>-<timestamp>):
 Reliability: a run killed at any point and resumed with --resume ends with the same weights, bit for bit on
 CPU, as one never interrupted (the data order is a function of (seed, epoch), and the weights, optimizer, method
 and RNG states are restored). A non-finite loss or gradient stops the run with the step and the cause, leaving
-the last checkpoint intact (--skip-nonfinite N skips up to N such batches instead). Outputs are written to a
-temporary name and renamed, so Ctrl-C never leaves a half-written file.
+the last checkpoint intact (--skip-nonfinite N skips up to N such batches instead); NaN or inf weights are never
+saved. Outputs are written to a temporary name and renamed, so Ctrl-C never leaves a half-written file, and a
+run that stops before its first checkpoint removes its directory (run_directory).
 
 Several processes (torchrun, see distributed.py): --batch-size is the global micro-batch, each rank trains on
 its own rows of it, and the per-step losses are those of one process; rank 0 evaluates and writes every output,
@@ -56,13 +57,13 @@ from tqdm import tqdm
 
 import distributed
 from data import batches_by_length, create_replay_dataset, load_dataset, tokenize_dataset
-from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
+from errors import ArgumentParser, ForgetlabError, finite_float, no_space_error, read_json_object, run_cli
 from eval import compare_forgetting, evaluate, format_report
-from lora import lora_state_dict, save_adapter
+from lora import find_targets, lora_state_dict, save_adapter
 from methods import REGISTRY, Method, get_method_class, load_method_file, make_options, option_keys
 from model import IGNORE_INDEX, load_pretrained, save_pretrained
 from model.checkpoint import weights_sha256, write_atomic_text
-from train_state import Progress, resume, save_checkpoint
+from train_state import Progress, find_resumable, resume, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 BEFORE_JSON = "before.json"  # in --out: the "before" evaluation, read back by --resume
@@ -153,7 +154,7 @@ def add_flag(p, flag: str, typ, choices=None, **kw):
     if typ is bool:
         p.add_argument(flag, action="store_true", **kw)
     else:
-        p.add_argument(flag, type={int: int, float: float}.get(typ, str), choices=choices, **kw)
+        p.add_argument(flag, type={int: int, float: finite_float}.get(typ, str), choices=choices, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +209,12 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
               (0 <= cfg.warmup < 1, "--warmup must be in [0, 1)"),
               (cfg.replay_fraction >= 0, "--replay-fraction must be >= 0"),
               (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
+              (0 <= cfg.beta1 < 1, "--beta1 must be in [0, 1)"),
+              (not 0 <= cfg.beta1 < 1 or cfg.lr / (1 - cfg.beta1) < torch.finfo(torch.float32).max,
+               f"--lr {cfg.lr}: too large for float32 (AdamW's first step size, lr / (1 - beta1), overflows)"),
+              (0 <= cfg.beta2 < 1, "--beta2 must be in [0, 1)"),
+              (cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+              (device_name_ok(cfg.device), f"--device {cfg.device}: not a device (cpu, cuda, cuda:N or auto)"),
               (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
               (cfg.save_every >= 0, "--save-every must be >= 0"),
               (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
@@ -319,6 +326,21 @@ def nonfinite_cause(loss: float, extra, grad_norm: float) -> str | None:
     return None
 
 
+def checked_extra_loss(method, extra, step: int):
+    """A method's extra_loss: None or a one-element tensor; anything else stops the run at its first step."""
+    if extra is None or (torch.is_tensor(extra) and extra.numel() == 1):
+        return extra
+    what = f"a tensor of shape {tuple(extra.shape)}" if torch.is_tensor(extra) else f"a {type(extra).__name__}"
+    raise ForgetlabError(f"step {step + 1}: method {method.name!r}: extra_loss returned {what}; it must return a "
+                         f"scalar tensor or None")
+
+
+def count_nonfinite(model) -> int:
+    """Trainable weights that are NaN or inf, over every rank's shards (every rank must call it)."""
+    bad = sum(int((~torch.isfinite(distributed.local(p))).sum()) for p in model.parameters() if p.requires_grad)
+    return int(distributed.all_reduce_sum(bad))
+
+
 def checkpoint_note(path) -> str:
     return f"the last checkpoint, {path}, is intact" if path else "no checkpoint was written (see --save-every)"
 
@@ -337,8 +359,7 @@ def skip_or_stop(step: int, cause: str, run: Progress, cfg):
 
 def write_checkpoint(out: Path, model, optimizer, method, run: Progress, data, epoch: int, config: dict) -> Path:
     """A resumable checkpoint of the state after step run.step (see train_state.py), never of a poisoned model."""
-    finite = all(torch.isfinite(distributed.local(p)).all() for p in model.parameters() if p.requires_grad)
-    if distributed.all_reduce_sum(int(not finite)):  # every rank stops, whichever holds the bad shard
+    if count_nonfinite(model):  # every rank stops, whichever holds the bad shard
         raise ForgetlabError(f"step {run.step}: non-finite weights after the update: training stopped; "
                              f"{checkpoint_note(run.checkpoint)}; lower --lr")
     counters = dict(tokens=run.tokens, skipped=run.skipped, loss=run.loss, examples=len(data.train_set),
@@ -390,6 +411,14 @@ def read_before(cfg, want: dict) -> dict | None:
         return None
     print(f"[before] evaluation ({cfg.eval}, {cfg.eval_split} split) read back from {file}", file=sys.stderr)
     return saved
+
+
+def device_name_ok(name: str) -> bool:
+    """`name` is a device train.py can run on: auto, cpu, cuda or cuda:N (checked before anything loads)."""
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit()
 
 
 def resolve_device(name: str) -> str:
@@ -484,7 +513,7 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
                 g["lr"] = lr
             epoch, micro = next(stream)
             loss, tokens = accumulate_gradients(forward, micro, device, autocast)
-            extra = method.extra_loss(model, step)
+            extra = checked_extra_loss(method, method.extra_loss(model, step), step)
             if extra is not None and extra.requires_grad:  # else the method added its gradient to .grad itself
                 extra.backward()
             grad_norm = distributed.clip_grad_norm_(trainable, max_norm)  # over every rank's shards
@@ -612,6 +641,9 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
     """Save the model or adapter, then evaluate it and each of the method's variants (e.g. WiSE-FT's alphas).
     Several processes: rank 0 works on the whole model (FSDP2's shards gathered) while the others wait."""
     with timed(seconds, "save"):
+        if (bad := count_nonfinite(model)):  # e.g. --lr so large that the last update overflowed
+            raise ForgetlabError(f"{bad:,} trainable weights are NaN or inf after the last step: nothing saved; "
+                                 f"lower --lr")
         final = distributed.gathered(model, twin)
         if distributed.is_main():
             final = final.to(device)
@@ -646,32 +678,72 @@ def main(argv=None):
     # -- load: every input is checked here, before the first slow step (the "before" evaluation)
     model, tok, data = load_inputs(cfg, method, device)
     method.check(model, cfg)  # the method's own inputs, e.g. EWC's --fisher file against this model
+    check_lora_targets(method, model)
+    found = find_resumable(out, len(data.train_set), data.total_steps) if cfg.resume else None
     seconds = dict(load=time.time() - t_start)
+    with run_directory(out, model, cfg):  # a run that stops before its first checkpoint leaves nothing behind
 
-    # -- before: evaluate the base model, then let the method set itself up on it
-    with timed(seconds, "eval_before"):
-        before = evaluate_before(model, tok, cfg)
-    with timed(seconds, "setup"):
-        counts = set_up_method(method, model, tok, cfg, data)
-    config = write_config(cfg, method, device, backend, data, out, before)
+        # -- before: evaluate the base model, then let the method set itself up on it
+        with timed(seconds, "eval_before"):
+            before = evaluate_before(model, tok, cfg)
+        with timed(seconds, "setup"):
+            counts = set_up_method(method, model, tok, cfg, data)
+        config = write_config(cfg, method, device, backend, data, out, before)
 
-    # -- train (resuming: from the newest checkpoint, whose RNG states resume() restores: nothing may draw after it)
-    forward, optimizer, twin = prepare_training(cfg, model, method, device)
-    run = Progress()
-    if cfg.resume:
-        run = resume(out, model, optimizer, method, len(data.train_set), data.total_steps, out / "metrics.jsonl")
-    stream = micro_batch_stream(data.train_set, cfg, tok.pad_id, start=run.step)
-    seconds["train"], tokens_now = train(cfg, model, forward, optimizer, method, stream, data, run, out, config)
-    method.finish(model)
-    model.eval()
+        # -- train (resuming: from the checkpoint found above; resume() restores its RNG states, so nothing may
+        # draw after it)
+        forward, optimizer, twin = prepare_training(cfg, model, method, device)
+        run = Progress()
+        if cfg.resume:
+            run = resume(found, out, model, optimizer, method, data.total_steps, out / "metrics.jsonl")
+        stream = micro_batch_stream(data.train_set, cfg, tok.pad_id, start=run.step)
+        seconds["train"], tokens_now = train(cfg, model, forward, optimizer, method, stream, data, run, out, config)
+        method.finish(model)
+        model.eval()
 
-    # -- save, evaluate again, report
-    after, variants = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
-    if not distributed.is_main():
-        return None
-    summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start)
-    before = before["results"] if before else None
-    return write_results(out, method, before, after, summary, variants if before is not None else None)
+        # -- save, evaluate again, report
+        after, variants = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
+        if not distributed.is_main():
+            return None
+        summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start)
+        before = before["results"] if before else None
+        return write_results(out, method, before, after, summary, variants if before is not None else None)
+
+
+def check_lora_targets(method, model):
+    """--lora.targets of a method that reads the lora options, against this model's layers, before anything slow
+    (the adapters are added only after the "before" evaluation and the method's setup)."""
+    if "lora" in method.groups:
+        find_targets(model, tuple(t.strip() for t in method.groups["lora"].targets.split(",") if t.strip()))
+
+
+def bytes_to_write(model) -> tuple[int, int]:
+    """(the final model or adapter, one checkpoint) in bytes, roughly: what a run writes at most at once. A
+    checkpoint holds the trainable weights and AdamW's two moments."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (trainable if lora_state_dict(model) else every), 3 * trainable
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, model, cfg):
+    """The run's output directory for the block. If the run stops (a user error, a non-finite step, a full disk,
+    Ctrl-C) before any checkpoint exists in it, a fresh run's directory is removed: nothing is left that neither
+    --resume nor a new run could use, and the same --out can be given again. A run with checkpoints keeps them,
+    and its config.json and metrics.jsonl, for --resume. A full disk becomes one line naming the space needed."""
+    existed = out.exists()  # then empty: parse_config refuses a fresh run's --out that holds anything
+    try:
+        yield
+    except BaseException as e:
+        if not cfg.resume and distributed.is_main() and out.is_dir() and not any(out.glob("checkpoints/step-*")):
+            for p in (out.iterdir() if existed else [out]):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            model_bytes, checkpoint_bytes = bytes_to_write(model)
+            need = model_bytes + (checkpoint_bytes if cfg.save_every else 0)
+            if (full := no_space_error(out, e, need)) is not None:
+                raise full from None
+        raise
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
                             method.<key>          the method's tensors (EWC: fisher.*, anchor.*)
                             rng.torch, rng.cuda.<i>   torch's CPU and CUDA generator states (uint8)
         state.json          step, data position, Python and NumPy RNG states, optimizer hyper-parameters, the
-                            run's config, the byte size of state.safetensors
+                            run's config, the byte size and sha256 of every other file, and a checksum of itself
 
 What is not saved is recomputed exactly: the learning rate is a function of the step (train.get_lr), and the
 data order of epoch e is a function of (seed, e) (train.micro_batch_stream), so the position is the step.
@@ -15,11 +15,13 @@ data order of epoch e is a function of (seed, e) (train.micro_batch_stream), so 
 A checkpoint is written into step-<N>.tmp/, each file fsynced, then renamed to step-<N>/ and the parent
 directory fsynced: a crash or a SIGKILL at any point leaves either the complete new checkpoint or none, and
 the older ones untouched. The newest `keep` are kept. `find_latest` returns the newest that reads back
-completely, skipping (with a warning) one that does not.
+completely, with every file's size and sha256 as written, skipping (with a warning) one that does not: a
+truncated file, or one whose bytes changed in place, falls back to the previous checkpoint.
 
-Under torchrun (several processes, distributed.py) the state is written with torch.distributed.checkpoint
-instead, each rank its own shards: see `save_sharded_checkpoint` at the end.
+Nothing on the read path unpickles: state.json is JSON, the tensors are safetensors. Under torchrun (several
+processes, distributed.py) each rank writes its own part, again as safetensors: see "several processes" below.
 """
+import hashlib
 import json
 import os
 import random
@@ -33,12 +35,12 @@ import torch
 from safetensors.torch import save_file
 
 import distributed
-from errors import ForgetlabError, check_names, read_json_object
-from model.checkpoint import read_safetensors, write_atomic_text
+from errors import DuplicateKeyError, ForgetlabError, check_names, loads_strict, read_json_object
+from model.checkpoint import read_safetensors, read_tensors, write_atomic_text
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file's sha256 and the checksum of state.json; torchrun's parts as safetensors
 
 
 def checkpoint_dir(out) -> Path:
@@ -118,6 +120,35 @@ def unflatten_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 # ----------------------------------------------------------------------------- write
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """What state.json records of a checkpoint file, to know on resume that it is the very file written. The
+    file is fsynced first: the record describes bytes that are on the disk."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    return dict(bytes=path.stat().st_size, sha256=file_sha256(path))
+
+
+def json_checksum(meta: dict) -> str:
+    """sha256 of state.json's content without its own "checksum" key: a byte changed in state.json is seen."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_state_json(directory: Path, meta: dict):
+    with open(directory / STATE_JSON, "w") as f:
+        f.write(json.dumps({**meta, "checksum": json_checksum(meta)}))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -148,11 +179,8 @@ def save_checkpoint(out, step: int, model, optimizer, method, progress: dict, co
         save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
         meta = dict(version=FORMAT_VERSION, step=step, progress=progress, rng=rng_meta, optimizer=opt_meta,
                     optimizer_params=optimizer_param_names(model, optimizer), config=config,
-                    sizes={STATE_TENSORS: (tmp / STATE_TENSORS).stat().st_size})
-        (tmp / STATE_JSON).write_text(json.dumps(meta))
-        for f in (STATE_TENSORS, STATE_JSON):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
+                    files={STATE_TENSORS: file_record(tmp / STATE_TENSORS)})
+        write_state_json(tmp, meta)
         fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step that failed to read back, from an earlier attempt
             shutil.rmtree(final)
@@ -168,26 +196,44 @@ def save_checkpoint(out, step: int, model, optimizer, method, progress: dict, co
 
 # ----------------------------------------------------------------------------- read
 
-def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state.json, every tensor of state.safetensors) of one checkpoint directory, fully read and checked;
-    ForgetlabError naming the file if anything is missing, truncated or malformed."""
-    path = Path(path)
-    meta_file, tensor_file = path / STATE_JSON, path / STATE_TENSORS
-    for f in (meta_file, tensor_file):
-        if not f.is_file():
-            raise ForgetlabError(f"{f}: checkpoint file missing")
+def read_state_json(path: Path, required: tuple) -> dict:
+    """A checkpoint's state.json, checked: present, JSON, its checksum, its format version and `required` keys."""
+    meta_file = path / STATE_JSON
+    if not meta_file.is_file():
+        raise ForgetlabError(f"{meta_file}: checkpoint file missing")
     meta = read_json_object(meta_file, "checkpoint metadata")
-    required = ("version", "step", "progress", "rng", "optimizer", "optimizer_params", "config", "sizes")
+    if "version" in meta and meta["version"] != FORMAT_VERSION:
+        raise ForgetlabError(f"{meta_file}: checkpoint format {meta['version']}, this code reads {FORMAT_VERSION}")
+    if meta.get("checksum") != json_checksum(meta):
+        raise ForgetlabError(f"{meta_file}: corrupted (its checksum does not match its content)")
     if any(k not in meta for k in required):
         raise ForgetlabError(f"{meta_file}: not a training checkpoint (expected keys {', '.join(required)})")
-    if not (isinstance(meta["step"], int) and isinstance(meta["sizes"], dict) and isinstance(meta["progress"], dict)):
+    if not (isinstance(meta["step"], int) and isinstance(meta["files"], dict) and isinstance(meta["progress"], dict)):
         raise ForgetlabError(f"{meta_file}: malformed training checkpoint metadata")
-    if meta["version"] != FORMAT_VERSION:
-        raise ForgetlabError(f"{meta_file}: checkpoint format {meta['version']}, this code reads {FORMAT_VERSION}")
-    size = tensor_file.stat().st_size
-    if size != meta["sizes"].get(STATE_TENSORS):
-        raise ForgetlabError(f"{tensor_file}: truncated or replaced ({size} bytes, "
-                             f"{meta['sizes'].get(STATE_TENSORS)} were written)")
+    return meta
+
+
+def verify_files(path: Path, records: dict, names) -> None:
+    """Each file in `names` is in the checkpoint with the byte size and sha256 state.json recorded for it."""
+    for name in names:
+        f, want = path / name, records.get(name)
+        if not isinstance(want, dict) or not f.is_file():
+            raise ForgetlabError(f"{f}: checkpoint file missing")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise ForgetlabError(f"{f}: truncated or replaced ({size} bytes, {want.get('bytes')} were written)")
+        if file_sha256(f) != want.get("sha256"):
+            raise ForgetlabError(f"{f}: corrupted (its sha256 is not the one recorded when it was written)")
+
+
+def read_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json, every tensor of state.safetensors) of one checkpoint directory, fully read and checked;
+    ForgetlabError naming the file if anything is missing, truncated, changed or malformed."""
+    path = Path(path)
+    meta = read_state_json(path, ("version", "step", "progress", "rng", "optimizer", "optimizer_params", "config",
+                                  "files"))
+    verify_files(path, meta["files"], [STATE_TENSORS])
+    tensor_file = path / STATE_TENSORS
     tensors, _ = read_safetensors(tensor_file)
     if "rng.torch" not in tensors:
         raise ForgetlabError(f"{tensor_file}: no rng.torch tensor (not a training checkpoint)")
@@ -201,10 +247,15 @@ def find_latest(out) -> tuple[Path, dict, dict] | None:
     read = read_sharded_checkpoint if distributed.world_size() > 1 else read_checkpoint
     for _, path in reversed(step_dirs(out)):
         try:
-            meta, tensors = read(path)
+            meta, tensors, error = *read(path), None
         except ForgetlabError as e:
-            print(f"warning: skipping checkpoint {path}: {e}", file=sys.stderr)
-            errors.append(str(e))
+            error = str(e)
+        # under torchrun each rank checks its own files: every rank skips a checkpoint any rank cannot read
+        error = next((e for e in distributed.gather_objects(error) if e), None)
+        if error:
+            if distributed.is_main():
+                print(f"warning: skipping checkpoint {path}: {error}", file=sys.stderr)
+            errors.append(error)
             continue
         return path, meta, tensors
     if errors:
@@ -252,19 +303,14 @@ class Progress:
     checkpoint: Path | None = None  # the newest checkpoint written (or resumed from)
 
 
-def resume(out, model, optimizer, method, examples: int, total_steps: int, metrics: Path) -> Progress:
-    """Continue the run in `out` from its newest readable checkpoint (`find_latest`); Progress() when it has none.
-    Loads the weights, optimizer and method state into the run (after the method's setup and configure, and
-    the optimizer's creation), cuts the `metrics` log back to the checkpoint's step and restores the RNG states:
-    call it right before the loop, since whatever draws a random number after it changes the run."""
+def find_resumable(out, examples: int, total_steps: int) -> tuple[Path, dict, dict] | None:
+    """The checkpoint `resume` will continue from (`find_latest`), read and checked against this run's data and
+    step count; None when --out holds none. Called before anything slow, so that a checkpoint that cannot
+    serve fails in seconds, before the "before" evaluation or the method's setup."""
     found = find_latest(out)
-    main = distributed.is_main()  # the one that prints and owns metrics.jsonl
     if found is None:
-        if main:
-            print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
-            trim_metrics(metrics, 0)
-        return Progress()
-    path, meta, tensors = found
+        return None
+    path, meta, _ = found
     counters = meta["progress"]
     if any(k not in counters for k in ("tokens", "skipped", "loss", "examples")):
         raise ForgetlabError(f"{path / STATE_JSON}: malformed training checkpoint metadata (progress)")
@@ -273,8 +319,24 @@ def resume(out, model, optimizer, method, examples: int, total_steps: int, metri
                              f"{path} was trained on {counters['examples']} (data changed?)")
     if meta["step"] > total_steps:
         raise ForgetlabError(f"--resume: {path} is at step {meta['step']}, past the {total_steps} steps asked")
+    return found
+
+
+def resume(found, out, model, optimizer, method, total_steps: int, metrics: Path) -> Progress:
+    """Continue the run in `out` from the checkpoint `find_resumable` returned; Progress() when it found none.
+    Loads the weights, optimizer and method state into the run (after the method's setup and configure, and
+    the optimizer's creation), cuts the `metrics` log back to the checkpoint's step and restores the RNG states:
+    call it right before the loop, since whatever draws a random number after it changes the run."""
+    main = distributed.is_main()  # the one that prints and owns metrics.jsonl
+    if found is None:
+        if main:
+            print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
+            trim_metrics(metrics, 0)
+        return Progress()
+    path, meta, tensors = found
+    counters = meta["progress"]
     if distributed.world_size() > 1:
-        apply_sharded_checkpoint(path, meta, model, optimizer, method)
+        apply_sharded_checkpoint(path, meta, tensors, model, optimizer, method)
     else:
         apply_checkpoint(path, meta, tensors, model, optimizer, method)
     if main:
@@ -300,28 +362,51 @@ def trim_metrics(path: Path, step: int):
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
 # Under torchrun (distributed.py) one checkpoint directory serves every rank:
-#     dcp/                    weights (trainable only), optimizer and method state, written by
-#                             torch.distributed.checkpoint: each rank its own shards under FSDP2, DDP's replicated
-#                             tensors once
-#     rng-<rank>.safetensors  each rank's torch generators, its Python and NumPy states in the metadata
-#     state.json              as above, plus world_size, and the byte size of every file (a truncated one is seen)
-# A run resumes on as many ranks as wrote the checkpoint: the rows each rank trains on depend on the count.
-DCP_DIR = "dcp"
+#     rank-<r>.safetensors  rank r's part of the state: its local shard of every DTensor (FSDP2: weights,
+#                           AdamW moments, the method's sharded state), and in rank 0's file the tensors every
+#                           rank holds whole (DDP's replicated weights, step counters), written once; rank r's
+#                           torch generators (rng.*), and its Python and NumPy states in the file's metadata
+#     state.json            as above, plus world_size, the optimizer's non-tensor values ("scalars") and the
+#                           names of the replicated tensors, and the byte size and sha256 of every rank's file
+# The tensors are named by their path in the state (model.<name>, optimizer.state.<name>.exp_avg, method.<key>).
+# A run resumes on as many ranks as wrote the checkpoint, so each rank's shards have the shapes they had: each
+# rank reads its own file back into its own shards, with no resharding and nothing but JSON and safetensors on
+# the way (torch.distributed.checkpoint's own reader unpickles its metadata file, so it is not used).
 
 
 def sharded_state(model, optimizer, method) -> dict:
-    """What DCP saves and loads in place: {"model", "optimizer", "method"} keyed by parameter name, DTensors
+    """The state a torchrun checkpoint holds: {"model", "optimizer", "method"} keyed by parameter name, DTensors
     under FSDP2. Frozen weights are left out (a LoRA run's base model is the checkpoint it started from)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     return {"model": model_sd, "optimizer": optim_sd, "method": method.state_dict()}
 
 
+def state_leaves(obj, path: tuple = ()):
+    """(path, value) of every leaf of a nested state: dicts and lists are walked; tensors, numbers, strings and
+    tuples (AdamW's betas) are leaves."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from state_leaves(v, (*path, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from state_leaves(v, (*path, i))
+    else:
+        yield path, obj
+
+
+def leaf_name(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def rank_file(r: int) -> str:
+    return f"rank-{r}.safetensors"
+
+
 def save_sharded_checkpoint(out, step: int, model, optimizer, method, progress: dict, config: dict,
                             keep: int = 2) -> Path:
     """`save_checkpoint` on several ranks (every rank calls it): written into step-<N>.tmp/, renamed by rank 0
-    once every rank has finished its part, as atomic as the single-process one."""
-    import torch.distributed.checkpoint as dcp
+    once every rank has written and fsynced its file, as atomic as the single-process one."""
     rank, main = distributed.rank(), distributed.is_main()
     root = checkpoint_dir(out)
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
@@ -332,25 +417,36 @@ def save_sharded_checkpoint(out, step: int, model, optimizer, method, progress: 
         tmp.mkdir()
     distributed.barrier()
     try:
-        dcp.save(sharded_state(model, optimizer, method), checkpoint_id=str(tmp / DCP_DIR))
+        tensors, scalars, replicated, aliases, seen = {}, {}, [], {}, {}
+        for path, leaf in state_leaves(sharded_state(model, optimizer, method)):
+            name = leaf_name(path)
+            if torch.is_tensor(leaf):  # a tensor met again under another name (tied embeddings) is saved once
+                t = distributed.local(leaf)
+                key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                if t.numel() and key in seen:
+                    aliases[name] = seen[key]
+                    continue
+                seen[key] = name
+            if distributed.is_dtensor(leaf):
+                tensors[name] = leaf.to_local()
+            elif torch.is_tensor(leaf):
+                replicated.append(name)
+                if main:  # the same on every rank: written once
+                    tensors[name] = leaf
+            else:
+                scalars[name] = leaf
         rng_meta, rng_tensors = capture_rng()
-        rng_file = tmp / f"rng-{rank}.safetensors"
-        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, rng_file,
+        tensors.update(rng_tensors)
+        file = tmp / rank_file(rank)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, file,
                   metadata={"format": "pt", "rng": json.dumps(rng_meta)})
-        with open(rng_file, "rb") as fh:
-            os.fsync(fh.fileno())
-        distributed.barrier()
+        records = distributed.gather_objects(file_record(file))
         if main:
-            sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             meta = dict(version=FORMAT_VERSION, step=step, progress=progress, world_size=distributed.world_size(),
                         optimizer_params=[n for n, p in model.named_parameters() if p.requires_grad],
-                        config=config, sizes=sizes)
-            (tmp / STATE_JSON).write_text(json.dumps(meta))
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            fsync_dir(tmp / DCP_DIR)
+                        config=config, scalars=scalars, replicated=replicated, aliases=aliases,
+                        files={rank_file(r): rec for r, rec in enumerate(records)})
+            write_state_json(tmp, meta)
             fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -367,42 +463,65 @@ def save_sharded_checkpoint(out, step: int, model, optimizer, method, progress: 
 
 
 def read_sharded_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state.json, this rank's RNG tensors) of a `save_sharded_checkpoint` directory, every file checked
-    against the sizes state.json recorded; ForgetlabError naming the file otherwise."""
+    """(state.json, this rank's tensors: its own file's, and the replicated ones from rank 0's) of a
+    `save_sharded_checkpoint` directory, each file read checked against the size and sha256 state.json
+    recorded; ForgetlabError naming the file otherwise."""
     path = Path(path)
-    meta_file = path / STATE_JSON
-    if not meta_file.is_file():
-        raise ForgetlabError(f"{meta_file}: checkpoint file missing")
-    meta = read_json_object(meta_file, "checkpoint metadata")
-    if any(k not in meta for k in ("version", "step", "progress", "world_size", "sizes", "config")):
-        raise ForgetlabError(f"{meta_file}: not a training checkpoint of a torchrun run")
-    if meta["version"] != FORMAT_VERSION:
-        raise ForgetlabError(f"{meta_file}: checkpoint format {meta['version']}, this code reads {FORMAT_VERSION}")
+    meta = read_state_json(path, ("version", "step", "progress", "world_size", "files", "config", "scalars",
+                                  "replicated", "aliases", "optimizer_params"))
     if meta["world_size"] != distributed.world_size():
         raise ForgetlabError(f"{path}: written by {meta['world_size']} ranks, resumed on {distributed.world_size()}: "
                              f"resume with the same number of processes")
-    for name, size in meta["sizes"].items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            raise ForgetlabError(f"{f}: truncated or missing ({size} bytes were written)")
-    tensors, file_meta = read_safetensors(path / f"rng-{distributed.rank()}.safetensors")
-    meta["rng"] = json.loads(file_meta["rng"])
+    if not (isinstance(meta["replicated"], list) and all(isinstance(n, str) for n in meta["replicated"])
+            and isinstance(meta["scalars"], dict) and isinstance(meta["aliases"], dict)):
+        raise ForgetlabError(f"{path / STATE_JSON}: malformed training checkpoint metadata")
+    rank = distributed.rank()
+    verify_files(path, meta["files"], sorted({rank_file(rank), rank_file(0)}))
+    own = path / rank_file(rank)
+    tensors, file_meta = read_safetensors(own)
+    try:
+        meta["rng"] = loads_strict(file_meta["rng"])
+    except (KeyError, TypeError, ValueError, DuplicateKeyError):
+        raise ForgetlabError(f"{own}: no readable RNG state in its metadata") from None
+    if rank != 0:
+        tensors.update(read_tensors(path / rank_file(0), meta["replicated"]))
     return meta, tensors
 
 
-def apply_sharded_checkpoint(path, meta: dict, model, optimizer, method):
-    """Load a `save_sharded_checkpoint` into the run, in place, each rank its own shards."""
-    import torch.distributed.checkpoint as dcp
+def apply_sharded_checkpoint(path, meta: dict, tensors: dict, model, optimizer, method):
+    """Load a `save_sharded_checkpoint` into the run, in place, each rank its own shards: every name and shape
+    is checked before anything changes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    path = Path(path)
     if meta["optimizer_params"] != [n for n, p in model.named_parameters() if p.requires_grad]:
         raise ForgetlabError(f"{path}: the checkpoint was saved for other trainable parameters")
     state = sharded_state(model, optimizer, method)
-    try:
-        dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
-    except Exception as e:  # DCP reports a missing or mis-shaped key as a CheckpointException
-        raise ForgetlabError(f"{path}: does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    # strict=False: the frozen weights are not in the checkpoint (DCP's load above already failed on any
-    # trainable tensor or optimizer state the checkpoint lacks)
+    leaves = list(state_leaves(state))
+    aliases = meta["aliases"]
+    for p, leaf in leaves:
+        name = leaf_name(p)
+        if torch.is_tensor(leaf):
+            target, name = distributed.local(leaf), aliases.get(name, name)
+            if name not in tensors:
+                raise ForgetlabError(f"{path}: does not fit this run (no tensor {name})")
+            if tensors[name].shape != target.shape:
+                raise ForgetlabError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, this run's is "
+                                     f"{tuple(target.shape)}")
+        elif name not in meta["scalars"]:
+            raise ForgetlabError(f"{path}: does not fit this run (no value {name})")
+    with torch.no_grad():
+        for p, leaf in leaves:
+            name = leaf_name(p)
+            if torch.is_tensor(leaf):
+                distributed.local(leaf).copy_(tensors[aliases.get(name, name)])
+            else:
+                parent = state
+                for k in p[:-1]:
+                    parent = parent[k]
+                value = meta["scalars"][name]
+                parent[p[-1]] = tuple(value) if isinstance(leaf, tuple) else value
+    # strict=False: the frozen weights are not in the checkpoint (every trainable tensor and optimizer state
+    # was checked above)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     if state["method"]:

@@ -1,4 +1,5 @@
 """LlamaConfig: one dataclass for every Llama-family checkpoint, read from a Hugging Face config.json."""
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class LlamaConfig:
             kwargs.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default" and kwargs["rope_scaling"] is None:
                 kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        check_rope_and_norm(kwargs, source)
         extra = {k: v for k, v in d.items() if k not in known and k != "rope_parameters"}
         try:
             return cls(**kwargs, extra=extra)
@@ -95,3 +97,27 @@ class LlamaConfig:
         for k in ("model_type", "architectures"):
             d.pop(k)
         return HFConfig(**d, **kwargs)
+
+
+def positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+
+def check_rope_and_norm(kwargs: dict, source: str):
+    """The float settings of a config.json are positive numbers, and rope_scaling an object whose factors are:
+    a string or a list there would only fail deep inside the first forward pass."""
+    for k in ("rms_norm_eps", "rope_theta"):
+        if k in kwargs and not positive_number(kwargs[k]):
+            raise ForgetlabError(f"{source}: {k} must be a positive number, got {kwargs[k]!r}")
+    scaling = kwargs.get("rope_scaling")
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ForgetlabError(f"{source}: rope_scaling must be null or an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    for k in {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}.get(kind, ()):
+        if k not in scaling:
+            raise ForgetlabError(f"{source}: rope_scaling of type {kind!r} needs {k}")
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if k in scaling and not positive_number(scaling[k]):
+            raise ForgetlabError(f"{source}: rope_scaling.{k} must be a positive number, got {scaling[k]!r}")

@@ -535,6 +535,11 @@ def main(argv=None):
     train.parse_config([*extra, "--method", methods[0]])  # so does a bad pass-through train flag
     seeds = [int(s) for s in split_list(args.seeds, "--seeds", int)]
     runs = expand_grid(methods, seeds, parse_grid(args.grid, methods))
+    for run in runs:  # every grid point's flags and option values, before the first run (e.g. --ewc.lambda -1)
+        try:
+            train.parse_config([*(QUICK_TRAIN_FLAGS if args.quick else []), *extra, *run.train_flags()])
+        except ForgetlabError as e:
+            raise ForgetlabError(f"grid point {run.name}: {e}") from None
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -39,6 +39,28 @@ def one_line_error(main, argv, capsys) -> str:
     return last
 
 
+PLUGIN_LOSS = """from methods import Method, register
+
+
+@register("{name}")
+class Mine(Method):
+    def extra_loss(self, model, step):
+        p = next(model.parameters())
+        return {value}
+"""
+
+
+@pytest.fixture
+def restore_registry():
+    """The method registry as it was before the test: plug-ins a test loads do not outlive it."""
+    import methods
+
+    saved = dict(methods.REGISTRY)
+    yield
+    methods.REGISTRY.clear()
+    methods.REGISTRY.update(saved)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
@@ -49,6 +71,20 @@ def files(tmp_path_factory):
     (d / "results.json").write_text(json.dumps({"results": {"general_qa": {
         "accuracy": 0.5, "accuracy_ci": [0.1, 0.9], "items": [{"id": "a", "correct": True}, {"id": "b", "correct": False}]}}}))
     (d / "truncated.json").write_text('{"results": {"general_qa": {"accu')
+    (d / "nan.json").write_text(json.dumps({"results": {"ppl": {
+        "nll": 2.0, "nll_ci": [1.0, 3.0], "items": [{"id": "a", "nll": float("nan"), "tokens": 3}]}}}))
+    (d / "empty_items.json").write_text(json.dumps({"results": {"general_qa": {
+        "accuracy": 0.5, "accuracy_ci": [0.1, 0.9], "items": []}}}))
+    plugins = {  # --method-file plug-ins that are wrong in the ways a first draft is
+        "plugin.txt": "",
+        "syntax_error.py": "from methods import Method\n\ndef broken(:\n    pass\n",
+        "raises.py": "import math\n\nSCALE = math.sqrt(-1)\n",
+        "takes_ewc.py": "from methods import Method, register\n\n\n@register('ewc')\nclass Mine(Method):\n    pass\n",
+        "vector_loss.py": PLUGIN_LOSS.format(name="vector-loss", value="p.sum(0)"),
+        "float_loss.py": PLUGIN_LOSS.format(name="float-loss", value="0.5"),
+    }
+    for name, text in plugins.items():
+        (d / name).write_text(text)
     other = apply_lora(tiny_llama(), r=2, alpha=4, targets=("q_proj",))  # hidden 64: the tiny_dir model has 32
     save_adapter(other, d / "adapter_other_model")
     return d
@@ -74,11 +110,32 @@ TRAIN_CASES = [  # (argv change, message)
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--skip-nonfinite", "-2"], "--skip-nonfinite must be >= 0"),
     (["--resume"], "config.json: not found: --resume continues a run that train.py started in --out"),
+    # non-finite values: refused as typed, whether a loop setting or a method's option
+    (["--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+    (["--replay-fraction", "inf"], "argument --replay-fraction: 'inf' is not a finite number"),
+    (["--method", "l2-init", "--l2-init.lambda", "nan"], "argument --l2-init.lambda: 'nan' is not a finite number"),
+    (["--method", "lora", "--lora.alpha", "nan"], "argument --lora.alpha: 'nan' is not a finite number"),
+    (["--beta1", "1.5"], "--beta1 must be in [0, 1)"),
+    (["--lr", "1e39"], "--lr 1e+39: too large for float32"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1)"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--device", "foo"], "--device foo: not a device (cpu, cuda, cuda:N or auto)"),
+    # plug-ins: each mistake names the file (and the line), none is a traceback
+    (["--method-file", "{d}/plugin.txt"], "plugin.txt: a method file is a Python file ending in .py"),
+    (["--method-file", "{d}/syntax_error.py"], "syntax_error.py:3: SyntaxError: "),
+    (["--method-file", "{d}/raises.py"], "raises.py:3: ValueError while importing the method file: math domain"),
+    (["--method-file", "{d}/takes_ewc.py", "--method", "ewc"],
+     "takes_ewc.py:4: @register('ewc'): the name is taken by methods.ElasticWeightConsolidation"),
+    (["--method-file", "{d}/vector_loss.py", "--method", "vector-loss"],
+     "step 1: method 'vector-loss': extra_loss returned a tensor of shape (32,); it must return a scalar tensor"),
+    (["--method-file", "{d}/float_loss.py", "--method", "float-loss"],
+     "step 1: method 'float-loss': extra_loss returned a float; it must return a scalar tensor or None"),
 ]
 
 
 @pytest.mark.parametrize("change, message", TRAIN_CASES, ids=[m for _, m in TRAIN_CASES])
-def test_train_user_errors_are_one_line(tiny_dir, tiny_data, files, tmp_path, capsys, change, message):  # noqa: F811
+def test_train_user_errors_are_one_line(tiny_dir, tiny_data, files, tmp_path, capsys, restore_registry, change,
+                                       message):  # noqa: F811
     argv = tiny_args(tiny_dir, tiny_data, tmp_path / "out")
     change = [a.format(d=files) for a in change]
     for flag, value in zip(change[::2], change[1::2]):
@@ -145,12 +202,16 @@ EVAL_CASES = [
     (["--compare", "{d}/results.json", "{d}/results.json", "{d}/results.json"], "--compare takes BEFORE AFTER"),
     (["--compare", "{d}/results.json", "{d}/missing.json"], "missing.json: results file not found"),
     (["--compare", "{d}/results.json", "{d}/truncated.json"], "truncated.json:1: not valid JSON"),
+    (["--compare", "{d}/results.json", "{d}/empty_items.json"], "results.general_qa.items is empty"),
+    (["--compare", "{d}/nan.json", "{d}/nan.json"], "results.ppl.items lack the finite number 'nll' (item a)"),
+    (["--tasks", "ppl", "--out", "{d}/nonempty"], "--out {d}/nonempty: is a directory"),
+    (["--tasks", "ppl", "--out", "{d}/results.json/x.json"], "results.json is not a writable directory"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", EVAL_CASES, ids=[m for _, m in EVAL_CASES])
 def test_eval_user_errors_are_one_line(files, capsys, argv, message):
-    assert message in one_line_error(ev.main, [a.format(d=files) for a in argv], capsys)
+    assert message.format(d=files) in one_line_error(ev.main, [a.format(d=files) for a in argv], capsys)
 
 
 def test_eval_with_an_adapter_for_another_model_is_one_line(tiny_dir, files, capsys):  # noqa: F811

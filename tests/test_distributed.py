@@ -433,6 +433,64 @@ def test_fsdp2_run_killed_with_sigkill_resumes_on_2_ranks_bitwise(tiny_dir, tiny
     assert [m["loss"] for m in read_metrics(out)] == [m["loss"] for m in read_metrics(tmp_path / "a")]
 
 
+class RunsACommand:
+    """What a hostile checkpoint file holds: a pickle that runs a command when it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def reseal(step_dir: Path, name: str):
+    """Record a replaced file's true size and sha256 in state.json, and the checksum of that: what an attacker
+    who can write the checkpoint can do too, so only the format can stop the pickle."""
+    import train_state
+
+    meta = json.loads((step_dir / "state.json").read_text())
+    meta["files"][name] = dict(bytes=(step_dir / name).stat().st_size, sha256=train_state.file_sha256(step_dir / name))
+    meta["checksum"] = train_state.json_checksum(meta)
+    (step_dir / "state.json").write_text(json.dumps(meta))
+
+
+def test_a_torchrun_resume_never_unpickles_a_crafted_checkpoint(tiny_dir, tiny_data, tmp_path):
+    """The newest checkpoint of a 2-rank run gets a pickle that runs a command, as torch.distributed.checkpoint's
+    metadata file and in place of rank 1's shard, with state.json made to vouch for it: the resume refuses that
+    checkpoint, naming the file, continues from the previous one, and the command never runs."""
+    import pickle
+
+    marker = tmp_path / "the-command-ran"
+    out = tmp_path / "run"
+    flags = ["--method", "lora", "--batch-size", "2", "--max-len", "64", "--max-steps", "2", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(torchrun(*tiny_args(tiny_dir, tiny_data, out, *flags)), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    newest = out / "checkpoints" / "step-2"
+    payload = pickle.dumps(RunsACommand(marker))
+    (newest / "dcp").mkdir()
+    (newest / "dcp" / ".metadata").write_bytes(payload)
+    (newest / ".metadata").write_bytes(payload)
+    (newest / "rank-1.safetensors").write_bytes(payload)
+    reseal(newest, "rank-1.safetensors")
+    r = subprocess.run(torchrun(*tiny_args(tiny_dir, tiny_data, out, *flags, "--resume")), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not marker.exists()
+    assert "skipping checkpoint" in r.stderr and "rank-1.safetensors: unreadable or truncated" in r.stderr, r.stderr
+    assert "resuming from" in r.stderr and "step-1 (step 1 of 2)" in r.stderr
+
+
+def test_under_torchrun_a_user_error_is_printed_once_and_every_rank_exits_2(tiny_dir, tiny_data, tmp_path):
+    r = subprocess.run(torchrun(*tiny_args(tiny_dir, tiny_data, tmp_path / "out", "--batch-size", "3")),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.count("error: --batch-size 3 is not divisible by the world size 2") == 1, r.stderr
+    assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr, r.stderr  # no rank's traceback
+    assert r.stderr.count("exitcode  : 2") == 2, r.stderr  # torchrun's summary: both ranks ended cleanly, with 2
+    assert not (tmp_path / "out").exists()
+
+
 def every_method_on_ranks(tiny_dir, tiny_data, root, fsdp) -> dict:
     import train
     from methods import REGISTRY

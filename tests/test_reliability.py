@@ -102,6 +102,7 @@ def test_a_valid_file_damaged_anywhere_raises_only_forgetlab_error(rows, where, 
     (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
     (b'{"text": "a"}\n{"text": \n', ":2: malformed JSON"),
+    (b'{"text": "a"}\n{"prompt": "a", "completion": "b", "prompt": "c"}\n', ":2: duplicate key 'prompt' in one row"),
 ])
 def test_jsonl_errors_name_the_file_and_line(tmp_path, content, message):
     path = tmp_path / "x.jsonl"
@@ -109,6 +110,13 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path, content, message):
     with pytest.raises(ForgetlabError, match=message) as e:
         data.load_jsonl(path)
     assert str(path) in str(e.value)
+
+
+def test_a_json_file_that_names_a_key_twice_is_refused(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"results": {}, "results": {"general_qa": {}}}')
+    with pytest.raises(ForgetlabError, match="results.json: not valid results file \\(duplicate key 'results'\\)"):
+        ev.read_results(path)
 
 
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
@@ -122,6 +130,21 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
 def truncate(path: Path, keep: float = 0.5):
     content = path.read_bytes()
     path.write_bytes(content[:int(len(content) * keep)])
+
+
+def overwrite_middle(path: Path, junk: bytes = b"\xff\x7f\x00\x01"):
+    """A few bytes changed in place, the size kept: what a bad disk sector or a careless tool does."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + len(junk)] = junk
+    path.write_bytes(bytes(data))
+
+
+def change_a_digit(path: Path):
+    """The first digit past the middle of a text file changed: still valid JSON, another number."""
+    text = path.read_text()
+    i = next(i for i in range(len(text) // 2, len(text)) if text[i].isdigit())
+    path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
 
 
 def garble_header(path: Path):
@@ -161,12 +184,16 @@ def test_a_sharded_model_with_a_damaged_shard_or_index_is_an_error_naming_it(tmp
     (b'{"model_type": "llama", "vocab', "config.json:1: not valid JSON"),
     (b"\xff\xfe", "config.json: unreadable model config"),
     (b"[1, 2]", "config.json: expected a JSON object, got list"),
-    (None, "config.json: hidden_size must be a positive integer, got 'big'"),
+    ({"hidden_size": "big"}, "config.json: hidden_size must be a positive integer, got 'big'"),
+    ({"rope_scaling": 5}, "config.json: rope_scaling must be null or an object, got 5"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "config.json: rope_scaling of type 'linear' needs factor"),
+    ({"rope_theta": "abc"}, "config.json: rope_theta must be a positive number, got 'abc'"),
+    ({"rms_norm_eps": "x"}, "config.json: rms_norm_eps must be a positive number, got 'x'"),
 ])
 def test_a_damaged_model_config_is_an_error_naming_it(tmp_path, content, message):
     path = save_pretrained(tiny_llama(), tmp_path / "m")
-    if content is None:
-        content = json.dumps({**json.loads((path / "config.json").read_text()), "hidden_size": "big"}).encode()
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads((path / "config.json").read_text()), **content}).encode()
     (path / "config.json").write_bytes(content)
     with pytest.raises(ForgetlabError, match=message):
         load_model(path)
@@ -243,9 +270,9 @@ GOOD_QA = {"accuracy": 0.5, "accuracy_ci": [0.1, 0.9], "items": [{"id": "a", "co
     (json.dumps({"results": {"general_qa": {**GOOD_QA, "accuracy_ci": [0.1]}}}).encode(),
      "results.general_qa.accuracy is not a number with a [lo, hi] interval"),
     (json.dumps({"results": {"general_qa": {**GOOD_QA, "items": [{"id": "a"}, {"id": "b"}]}}}).encode(),
-     "results.general_qa.items lack the number 'correct'"),
+     "results.general_qa.items lack the finite number 'correct'"),
     (json.dumps({"results": {"ppl": {"nll": 1.0, "nll_ci": [1, 2], "items": [{"id": "a", "nll": 1.0}]}}}).encode(),
-     "results.ppl.items lack the weight 'tokens'"),
+     "results.ppl.items lack the finite weight 'tokens'"),
     (b'\xff\xfe{}', "unreadable results file"),
 ])
 def test_a_damaged_results_file_is_an_error_naming_it(tmp_path, content, message):
@@ -329,7 +356,9 @@ def test_only_the_last_two_checkpoints_are_kept_and_a_damaged_newest_is_skipped(
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: truncate(d / "state.safetensors"), "state.safetensors: truncated or replaced"),
-    (lambda d: garble_header(d / "state.safetensors"), "state.safetensors: unreadable or truncated"),
+    (lambda d: garble_header(d / "state.safetensors"), "state.safetensors: corrupted"),
+    (lambda d: overwrite_middle(d / "state.safetensors"), "state.safetensors: corrupted"),
+    (lambda d: change_a_digit(d / "state.json"), "state.json: corrupted"),
     (lambda d: truncate(d / "state.json"), r"state.json:\d+: not valid JSON"),
     (lambda d: (d / "state.json").write_text("[]"), "state.json: expected a JSON object, got list"),
     (lambda d: (d / "state.json").unlink(), "state.json: checkpoint file missing"),
@@ -518,3 +547,167 @@ def test_an_ewc_full_fine_tune_resumed_from_an_older_checkpoint_ends_bitwise_ide
     assert all(torch.equal(a[k], b[k]) for k in a)
     extra = [m["extra_loss"] for m in read_metrics(out)]
     assert extra == [m["extra_loss"] for m in read_metrics(tmp_path / "a")] and extra[-1] > 0
+
+
+# ----------------------------------------------------------------------------- what a hostile-input probe found
+
+def test_a_checkpoint_changed_in_place_is_skipped_and_the_resume_ends_bitwise_identical(tiny_dir, tiny_data, tmp_path,
+                                                                                        capsys):  # noqa: F811
+    """A few bytes overwritten in the middle of the newest checkpoint, its size unchanged: its sha256 no longer
+    matches the one state.json recorded, so --resume falls back to the previous checkpoint and redoes the step."""
+    flags = ["--max-steps", "4", "--save-every", "1", "--lr", "1e-2"]
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_dir, tiny_data, out, *flags))
+    finished = load_file(out / "model" / "model.safetensors")
+    overwrite_middle(out / "checkpoints" / "step-4" / "state.safetensors")
+    capsys.readouterr()
+    train.main(tiny_args(tiny_dir, tiny_data, out, *flags, "--resume"))
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "state.safetensors: corrupted" in err and "step 3 of 4" in err, err
+    resumed = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+
+
+def test_weights_made_non_finite_by_the_last_step_are_never_saved(tiny_dir, tiny_data, tmp_path, monkeypatch,
+                                                                   capsys):  # noqa: F811
+    """A method whose after_step divides by zero at the last step (no later loss would show it): nothing is
+    saved, the run says why, and its directory is gone."""
+    def poison(self, model, step):
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("inf")
+    monkeypatch.setattr(Method, "after_step", poison)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1"))
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert e.value.code == 2 and "1 trainable weights are NaN or inf after the last step: nothing saved" in err, err
+    assert not out.exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_its_out_free_for_a_new_run(tiny_dir, tiny_data, tmp_path,
+                                                                                     monkeypatch):  # noqa: F811
+    monkeypatch.setattr(train, "accumulate_gradients", nan_at(2, "loss"))
+    out = tmp_path / "run"
+    with pytest.raises(ForgetlabError, match="step 2: non-finite loss"):
+        train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "3"))
+    assert not out.exists()  # no config.json, no metrics.jsonl: nothing to resume, nothing in the way
+    monkeypatch.undo()
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--max-steps", "3", "--lr", "1e-4"))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+
+
+def test_resume_reads_the_checkpoint_before_anything_slow_and_keeps_config_json(tiny_dir, tiny_data, tmp_path,
+                                                                              capsys):  # noqa: F811
+    flags = ["--method", "ewc", "--max-steps", "2", "--save-every", "1"]
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_dir, tiny_data, out, *flags))
+    config = (out / "config.json").read_bytes()
+    for _, path in train_state.step_dirs(out):
+        truncate(path / "state.safetensors")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, tiny_args(tiny_dir, tiny_data, out, *flags, "--max-steps", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no readable checkpoint" in err.rstrip().split("\n")[-1], err
+    assert "fisher" not in err  # the Fisher estimate never started
+    assert (out / "config.json").read_bytes() == config
+
+
+def test_bad_lora_targets_fail_before_the_before_evaluation(tiny_dir, tiny_data, tmp_path, capsys):  # noqa: F811
+    argv = tiny_args(tiny_dir, tiny_data, tmp_path / "out", "--method", "lora", "--lora.targets", "bogus_proj",
+                     "--eval", "quick")
+    with pytest.raises(SystemExit):
+        run_cli(train.main, argv)
+    err = capsys.readouterr().err
+    assert "LoRA target module 'bogus_proj' not found" in err and "evaluating" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_refuses_a_bad_grid_value_before_its_first_run(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sweep
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(sweep.main, ["--methods", "ewc", "--grid", "ewc.lambda=0.5,-1", "--out", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "grid point ewc-lambda-1-seed0: --ewc.lambda must be >= 0" in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_truncated_self_replay_cache_is_generated_again(tmp_path, capsys):
+    from methods import SelfReplay
+
+    file = tmp_path / "cache.json"
+    file.write_text('{"1,2,3": [4, 5], "6,7": [8')
+    assert SelfReplay.read_cache(file) == {}
+    assert "ignoring the unreadable cache" in capsys.readouterr().err
+    file.write_text('{"1,2,3": [4, 5]}')
+    assert SelfReplay.read_cache(file) == {"1,2,3": [4, 5]}
+
+
+# A disk that fills up: a real small tmpfs where this process may mount one (root on Linux), and a write that
+# fails with ENOSPC everywhere.
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a directory on a tmpfs of that size (again: resized); skips where mounting is not allowed."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = []
+
+    def mount(size: str) -> Path:
+        opts = f"remount,size={size}" if mounted else f"size={size}"
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(1)
+        return where
+    yield mount
+    if mounted:  # lazily: tensors read back with safetensors may still map a file of it
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_what_resume_can_use(tiny_dir, tiny_data, tmp_path, small_disk,
+                                                               capsys):  # noqa: F811
+    """Without a checkpoint the run leaves nothing; with one, the newest complete checkpoint, config.json and
+    metrics.jsonl, and --resume finishes the run once there is space, bit for bit as if nothing happened."""
+    flags = ["--max-steps", "3", "--lr", "1e-2"]
+    disk = small_disk("4m")  # a model of the tiny_dir size does not fit
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, tiny_args(tiny_dir, tiny_data, disk / "a", *flags))
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert e.value.code == 2 and re.search(r"a: no space left on the device \(about [\d.]+ MiB needed, [\d.]+ MiB free\)",
+                                           err), err
+    assert list(disk.iterdir()) == []
+
+    train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "whole", *flags, "--save-every", "1"))
+    one_checkpoint = sum(f.stat().st_size for f in (tmp_path / "whole" / "checkpoints" / "step-3").iterdir())
+    disk = small_disk(f"{int(one_checkpoint * 1.5) // 1024}k")  # the first checkpoint fits, the second does not
+    out = disk / "b"
+    with pytest.raises(SystemExit):
+        run_cli(train.main, tiny_args(tiny_dir, tiny_data, out, *flags, "--save-every", "1"))
+    assert "no space left on the device" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]  # no step-2.tmp left behind
+    small_disk("256m")
+    train.main(tiny_args(tiny_dir, tiny_data, out, *flags, "--save-every", "1", "--resume"))
+    a, b = load_file(tmp_path / "whole" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_write_failing_with_enospc_is_one_line_and_leaves_nothing(tiny_dir, tiny_data, tmp_path, monkeypatch,
+                                                                   capsys):  # noqa: F811
+    """The same, simulated, for machines where no tmpfs can be mounted: the model's save fails as safetensors
+    reports a full disk."""
+    import model.checkpoint as checkpoint
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "run: no space left on the device (about" in err and "Traceback" not in err, err
+    assert not out.exists()
