@@ -244,3 +244,17 @@ def create_replay_dataset(domain: list, general: list, replay_fraction: float, s
     mixed = list(domain) + sampled
     rng.shuffle(mixed)
     return mixed
+
+
+def micro_batch_stream(examples, cfg, pad_id, start: int = 0):
+    """Endless (epoch, micro-batches of one optimizer step) groups, from optimizer step `start` on; each epoch
+    reshuffles with seed + epoch, so the data order is a function of (seed, epoch) and a resumed run skips exactly
+    what it trained on."""
+    epoch, step = 0, 0
+    while True:
+        batches = batches_by_length(examples, cfg.batch_size, pad_id, seed=cfg.seed + epoch)
+        for s in range(0, len(batches), cfg.grad_accum):
+            if step >= start:
+                yield epoch, batches[s:s + cfg.grad_accum]
+            step += 1
+        epoch += 1

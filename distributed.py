@@ -19,8 +19,8 @@ single-process gradient. So the loss curve does not depend on N (tests/test_dist
 
 The Fisher, which the obvious code gets wrong. After a DDP backward, p.grad is the *rank-averaged* gradient,
 and under FSDP2 it is a reduce-scattered shard of that average; squaring it gives ((g_a + g_b)/2)², not the
-mean of g_a² and g_b² (50% relative error under DDP and under FSDP2 on the tests' tiny model and 2 ranks,
-tests/test_distributed.py). Here the per-example squares are summed by the hook path of per_example_grads.py,
+mean of g_a² and g_b² (a large error under DDP and under FSDP2, which
+tests/test_distributed.py shows). Here the per-example squares are summed by the hook path of per_example_grads.py,
 which never touches p.grad (the parameters are frozen while it runs, so no gradient is synchronized at all),
 on the plain model before it is wrapped, each rank over its slice of the Fisher examples; then the sums and
 the example count are all-reduced as a SUM, and divided
@@ -30,9 +30,8 @@ its gradient are computed on local shards, and the logged penalty is all-reduced
 falls as 1/N.
 
 Evaluation runs on rank 0 on the whole model (under FSDP2, the gathered weights in a plain copy) while the
-other ranks wait: the same numbers and per-item records as one process, in the same time (measured on the
-tiny model, --eval quick: 4.8 s before / 4.8 s after on rank 0 of 2 against 4.9 / 4.5 s in one process; the
-"after" log-likelihoods differ from one process's by < 1e-8 relative, as the trained weights do).
+other ranks wait: the same numbers and per-item records as one process, in the same time (docs/distributed.md
+gives the measurement).
 
 Limits. Every rank loads the whole model first (model/checkpoint.py reads it into memory; FSDP2 shards it
 afterwards), so the model must fit one device's memory once, without its gradients and optimizer state; the
@@ -241,15 +240,20 @@ def shard(model: nn.Module, device: str) -> nn.Module:
 
 
 def shard_method_state(method, model: nn.Module):
-    """After `shard`: FSDP2 replaced the model's parameters by sharded DTensors, so a method's state that refers
-    to the old ones must follow. A method (a plug-in too) that defines `shard(model)` does it itself (the
-    built-ins: l2-init's and wise-ft's θ₀, ewc-lora's F; MoFO's moments are made like the sharded parameters,
-    and kl's student goes through the sharded forward); otherwise every ewc.EWC among its attributes is laid
-    out like the new parameters (EWC.shard_like)."""
+    """After `shard`: FSDP2 replaced the model's parameters by sharded DTensors, so a method's per-parameter
+    state must follow. Every tensor of the method's `param_state` attributes ({parameter name: tensor}, see
+    methods/base.py) is laid out like the parameter of its name, so that the method's formulas, written on whole
+    tensors, run unchanged on each rank's shards; every ewc.EWC among its attributes is laid out like the
+    parameters it holds F and θ* for (EWC.shard_like)."""
     from ewc import EWC
-    if hasattr(method, "shard"):
-        method.shard(model)
-        return
+    params = dict(model.named_parameters())
+    for attr in method.param_state:
+        state = getattr(method, attr)
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"{type(method).__name__}.{attr}: {unknown[0]} is not a parameter of the model "
+                           f"(param_state tensors are keyed by parameter name)")
+        setattr(method, attr, {n: distribute_like(t, params[n]) for n, t in state.items()})
     for value in vars(method).values():
         if isinstance(value, EWC):
             value.shard_like(model)

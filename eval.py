@@ -11,12 +11,13 @@ domain, before and after fine-tuning, each number with its 95% interval, and pai
     python eval.py --compare BEFORE.json AFTER.json
 
 TASKS, below, is the one table of tasks: each names its data file, the fields its rows need, its scorer and
-the metrics it reports. Adding a task is one entry there.
+the metrics it reports. Adding a task is one entry there. The scorers and what they share (the log-likelihood
+engine, answer matching, rows and splits) live in tasks/, one job a file (tasks/__init__.py says which).
 
   general_qa     data/general_qa.jsonl, asked as a chat turn, greedy, 24 new tokens; correct when the answer or
                  an alias matches (MATCH_RULES) in the answer span. Accuracy, and per category.
   instructions   data/instructions.jsonl: IFEval-style prompts (Zhou et al. 2023) with programmatic checks
-                 (instruction_checks.py), greedy chat answers of at most 64 tokens; pass = every check passes.
+                 (tasks/instruction_checks.py), greedy chat answers of at most 64 tokens; pass = every check passes.
   hellaswag, arc_easy, arc_challenge    multiple choice by log-likelihood, zero-shot, exactly as
                  lm-evaluation-harness builds and scores them (../shared/data/README.md):
                      logprob(c) = Σ_j log p(c_j | context, c_<j)        (summed over the choice's tokens)
@@ -47,337 +48,28 @@ metric whose intervals include chance on both sides is "at chance", never a chan
 Every task keeps per-item records (prompt, response or log-probabilities, verdict), so each number in OUT.json
 can be audited and paired.
 """
-import hashlib
 import math
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 import stats
-from data import read_jsonl, tokenize_example
 from errors import ArgumentParser, ForgetlabError, no_space_error, read_json_object, run_cli
-from model import IGNORE_INDEX, eval_mode, generate, left_pad
+from tasks.benchmarks import score_benchmark, score_mmlu
+from tasks.common import Metric, Options, Task
+from tasks.domain import score_domain
+from tasks.generation import score_general_qa, score_instructions
+from tasks.instruction_checks import load_instructions
+from tasks.matching import MATCH_RULES, MATCHERS
+from tasks.perplexity import score_perplexity
+from tasks.rows import SPLITS, load_rows, row_split
 
 REPO = Path(__file__).resolve().parent
 SHARED = REPO.parent / "shared" / "data"
-SPLITS = ("dev", "test", "all")
-MATCH_RULES = {
-    "strict": "the answer or an alias on word and number boundaries in the answer's first sentence",
-    "substring": "the answer or an alias as a lower-cased substring of the whole response (the original rule)",
-}
-
-
-# ----------------------------------------------------------------------------- log-likelihood scoring
-
-def split_request(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids (context, continuation) for scoring `continuation` after `context`.
-
-    The pair is tokenized as one string, as the model would have read it, and split where the context's own
-    tokens end (lm-evaluation-harness's rule): " Paris" after "Answer:" is the single token "ĠParis", not
-    "Ġ" + "Paris". Trailing whitespace of the context moves to the continuation first, so "Answer: " +
-    "Paris" is scored the same way. Should a BPE merge straddle the boundary, the split falls at the end of
-    the longest common prefix, so no token is dropped or counted twice."""
-    n_space = len(context) - len(context.rstrip())
-    if n_space:
-        context, continuation = context[:-n_space], context[-n_space:] + continuation
-    whole = tok.encode(context + continuation, add_bos=tok.adds_bos)
-    ctx = tok.encode(context, add_bos=tok.adds_bos)
-    k = 0
-    while k < min(len(ctx), len(whole)) and ctx[k] == whole[k]:
-        k += 1
-    if k == 0:  # nothing to condition on: start from a document boundary token
-        start = tok.bos_id if tok.bos_id is not None else tok.eos_ids[0]
-        return [start], whole
-    return whole[:k], whole[k:]
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] in float32, without materializing the whole log-softmax. (..., V), (...)."""
-    logits = logits.float()
-    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
-
-
-def _plan_batches(groups: list, batch_size: int, max_tokens: int) -> list[list]:
-    """Cut length-sorted groups into batches of at most batch_size contexts whose memory stays bounded:
-    rows x (longest continuation) <= max_tokens logit positions (V floats each), and rows x (context +
-    continuation) <= 8 * max_tokens KV-cache slots (each row holds its own copy of its context)."""
-    batches, cur = [], []
-    for g in groups:
-        trial = cur + [g]
-        rows = sum(len(x[1]) for x in trial)
-        width = max(len(c) for x in trial for c in x[1])
-        slots = rows * (max(len(x[0]) for x in trial) + width)
-        if cur and (len(trial) > batch_size or rows * width > max_tokens or slots > 8 * max_tokens):
-            batches.append(cur)
-            trial = [g]
-        cur = trial
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def score_continuations(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                        max_tokens: int = 2048, progress: bool = False) -> tuple[list[float], list[bool]]:
-    """For each (context_ids, continuation_ids): the summed log-probability Σ_j log p(cont_j | ctx, cont_<j),
-    and whether greedy decoding after the context reproduces the continuation (every token is the argmax).
-
-    Requests with the same context share one pass over it. Per batch of contexts:
-      1. prefill: the left-padded contexts (G, L) fill the KV cache; the last position's logits score
-         each continuation's first token;
-      2. the cache rows are repeated once per continuation, and the continuations minus their last token,
-         right-padded (N, M-1), are run after it; their logits score tokens 2..m.
-    Only continuation positions go through lm_head. An empty continuation scores (0, True)."""
-    device = model.model.embed_tokens.weight.device
-    scores, greedy = [0.0] * len(requests), [True] * len(requests)
-    by_context: dict[tuple, list[int]] = {}
-    for i, (ctx, cont) in enumerate(requests):
-        if not ctx:
-            raise ValueError(f"request {i} has an empty context")
-        if cont:
-            by_context.setdefault(tuple(ctx), []).append(i)
-    groups = [(list(ctx), [requests[i][1] for i in idx], idx) for ctx, idx in by_context.items()]
-    groups.sort(key=lambda g: len(g[0]) + max(map(len, g[1])), reverse=True)
-    batches = _plan_batches(groups, batch_size, max_tokens)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="loglikelihood", unit="batch", leave=False)
-    with eval_mode(model):
-        for batch in batches:
-            conts = [c for g in batch for c in g[1]]
-            counts = torch.tensor([len(g[1]) for g in batch], device=device)
-            G, L, M = len(batch), max(len(g[0]) for g in batch), max(map(len, conts))
-            ctx_ids, ctx_mask = (t.to(device) for t in left_pad([g[0] for g in batch], pad_id=0))  # (G, L)
-            first = torch.tensor([c[0] for c in conts], device=device)
-            model.setup_kv_cache(G, L + M - 1)
-            try:
-                last = model(ctx_ids, attention_mask=ctx_mask, cache_start=0, last_only=True)[:, -1]  # (G, V)
-                last = last.repeat_interleave(counts, dim=0)  # (N, V)
-                lp = _token_logprobs(last, first)[:, None]  # (N, 1)
-                hit = (last.argmax(-1) == first)[:, None]  # (N, 1)
-                if M > 1:
-                    model.repeat_kv_cache(counts)
-                    N = len(conts)
-                    inp = torch.zeros((N, M - 1), dtype=torch.long)
-                    tgt = torch.zeros((N, M - 1), dtype=torch.long)
-                    cont_mask = torch.zeros((N, M - 1), dtype=torch.long)
-                    for r, c in enumerate(conts):
-                        inp[r, :len(c) - 1] = torch.tensor(c[:-1])
-                        tgt[r, :len(c) - 1] = torch.tensor(c[1:])
-                        cont_mask[r, :len(c) - 1] = 1
-                    inp, tgt, cont_mask = inp.to(device), tgt.to(device), cont_mask.to(device)
-                    mask = torch.cat([ctx_mask.repeat_interleave(counts, dim=0), cont_mask], dim=1)  # (N, L+M-1)
-                    logits = model(inp, attention_mask=mask, cache_start=L)  # (N, M-1, V)
-                    lp = torch.cat([lp, _token_logprobs(logits, tgt) * cont_mask], dim=1)
-                    hit = torch.cat([hit, (logits.argmax(-1) == tgt) | (cont_mask == 0)], dim=1)
-            finally:
-                model.clear_kv_cache()
-            totals, all_hit = lp.sum(dim=1).tolist(), hit.all(dim=1).tolist()
-            for j, i in enumerate(i for g in batch for i in g[2]):
-                scores[i], greedy[i] = totals[j], all_hit[j]
-    return scores, greedy
-
-
-# ----------------------------------------------------------------------------- answer matching
-
-def cut_answer(text: str) -> str:
-    """The answer part of a plain completion: up to the first blank line or the next "\\nQuestion"."""
-    text = text.lstrip()
-    for stop in ("\n\n", "\nQuestion"):
-        text = text.split(stop, 1)[0]
-    return text.strip()
-
-
-def answer_span(response: str) -> str:
-    """The part of a response that states the answer: its first non-empty line, up to the end of its first
-    sentence (". ", "! " or "? "; a decimal point like "3.5" does not end a sentence)."""
-    line = next((ln.strip() for ln in response.strip().splitlines() if ln.strip()), "")
-    return re.split(r"(?<=[.!?])\s+", line, maxsplit=1)[0]
-
-
-def _boundary_pattern(answer: str) -> str:
-    """The answer on word and number boundaries: no letter or digit may touch either end ("mean" is not in
-    "means", "8" not in "18" or "8.5", "10" not in "100"), and a number may not continue with ".5" or ",000"."""
-    a = re.escape(" ".join(answer.lower().split()))
-    return rf"(?<![a-z0-9])(?<![0-9][.,]){a}(?![a-z0-9])(?![.,][0-9])"
-
-
-def strict_match(response: str, answers: list[str]) -> bool:
-    """An accepted answer occurs, case-insensitively and on word and number boundaries, in the answer span."""
-    span = " ".join(answer_span(response).lower().split())
-    return any(re.search(_boundary_pattern(a), span) for a in answers if a.strip())
-
-
-def substring_match(response: str, answers: list[str]) -> bool:
-    """The original rule: any accepted answer is a lower-cased substring of the whole response."""
-    r = response.lower()
-    return any(a.lower() in r for a in answers)
-
-
-MATCHERS = {"strict": strict_match, "substring": substring_match}
-
-
-def accepted_answers(row: dict) -> list[str]:
-    return [str(row["answer"])] + [str(a) for a in row.get("aliases") or []]
-
-
-# ----------------------------------------------------------------------------- scorers
-# Each scorer(model, tok, rows, opts) returns the per-item records (with an "id") and any extra results.
-
-@dataclass(frozen=True)
-class Options:
-    batch_size: int = 64
-    chat: bool = True  # general_qa as a chat turn (else "Question: ...\nAnswer:" completion)
-    match: str = "strict"
-    progress: bool = False
-
-
-def qa_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
-
-
-def score_general_qa(model, tok, rows, opts: Options, max_new_tokens: int = 24):
-    prompts = [r["question"] if opts.chat else qa_prompt(r["question"]) for r in rows]
-    raw = generate(model, tok, prompts, max_new_tokens=max_new_tokens, chat=opts.chat, batch_size=opts.batch_size,
-                   progress=opts.progress)
-    items = []
-    for row, prompt, text in zip(rows, prompts, raw):
-        response = text.strip() if opts.chat else cut_answer(text)
-        answers = accepted_answers(row)
-        items.append(dict(id=row["id"], category=row.get("category", "all"), prompt=prompt, response=response,
-                          answers=answers, correct=MATCHERS[opts.match](response, answers)))
-    by_cat: dict[str, list[bool]] = {}
-    for it in items:
-        by_cat.setdefault(it["category"], []).append(it["correct"])
-    return items, dict(chat=opts.chat, match=opts.match,
-                       category_accuracy={c: sum(v) / len(v) for c, v in sorted(by_cat.items())})
-
-
-def score_instructions(model, tok, rows, opts: Options, max_new_tokens: int = 64):
-    from instruction_checks import check_response
-
-    responses = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, chat=True,
-                         batch_size=opts.batch_size, progress=opts.progress)
-    items = []
-    for row, text in zip(rows, responses):
-        verdict = check_response(row, text.strip())
-        items.append(dict(id=row["id"], category=row.get("category"), prompt=row["prompt"], response=text.strip(),
-                          passed=verdict["passed"], failed=verdict["failed"]))
-    return items, {}
-
-
-def _norm_len(choice: str) -> int:
-    """The character length acc_norm divides by: the choice without its leading space (the harness's)."""
-    return max(len(choice[1:] if choice.startswith(" ") else choice), 1)
-
-
-def _argmax(xs: list[float]) -> int:
-    return max(range(len(xs)), key=lambda i: xs[i])
-
-
-def score_benchmark(model, tok, rows, opts: Options):
-    """lm-evaluation-harness zero-shot requests (../shared/data/README.md): "mc" scores each choice after the
-    context, "partial" scores the continuation after context + choice, "greedy" checks the single choice is
-    the greedy continuation. One batched pass over all requests of all rows."""
-    requests, spans = [], []
-    for row in rows:
-        if row["scoring"] == "partial":
-            reqs = [split_request(tok, row["context"] + c, row["continuation"]) for c in row["choices"]]
-        else:
-            reqs = [split_request(tok, row["context"], c) for c in row["choices"]]
-        spans.append((len(requests), len(reqs)))
-        requests += reqs
-    scores, greedy = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
-    items = []
-    for row, (start, n) in zip(rows, spans):
-        lps, gold = scores[start:start + n], int(row["gold"])
-        item = dict(id=row["id"], logprobs=lps, gold=gold)
-        if row["scoring"] == "greedy":
-            n_tokens = len(requests[start][1])
-            item.update(correct=greedy[start], nll=-lps[0], tokens=n_tokens)
-        else:
-            pred = _argmax(lps)
-            item.update(pred=pred, correct=pred == gold, chance=1 / n)
-            if row["scoring"] == "mc":
-                pred_norm = _argmax([lp / _norm_len(c) for lp, c in zip(lps, row["choices"])])
-                item.update(pred_norm=pred_norm, correct_norm=pred_norm == gold)
-        items.append(item)
-    return items, {}
-
-
-def mmlu_as_benchmark(row: dict) -> dict:
-    """An MMLU row as an "mc" request: "Question: {q}\\nAnswer:" and " {choice}"."""
-    return dict(id=row["id"], context=qa_prompt(row["question"]), choices=[" " + str(c) for c in row["choices"]],
-                gold=row["answer"], scoring="mc")
-
-
-def score_mmlu(model, tok, rows, opts: Options):
-    items, extra = score_benchmark(model, tok, [mmlu_as_benchmark(r) for r in rows], opts)
-    for it, row in zip(items, rows):
-        it["subject"] = row.get("subject")
-    return items, extra
-
-
-def score_perplexity(model, tok, rows, opts: Options, max_len: int = 1024):
-    """Each text encoded as the model's tokenizer would (a BOS only if it adds one by default) and cut at
-    max_len tokens; the first token has nothing to be predicted from, so it is context, not a target."""
-    requests, truncated = [], 0
-    for row in rows:
-        ids = tok.encode(row["text"], add_bos=tok.adds_bos)
-        truncated += len(ids) > max_len
-        ids = ids[:max_len]
-        requests.append((ids[:1], ids[1:]))
-    scores, _ = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
-    items = [dict(id=row["id"], text=row["text"][:80], tokens=len(c), nll=-s / len(c))
-             for row, s, (_, c) in zip(rows, scores, requests)]
-    nll = sum(it["nll"] * it["tokens"] for it in items) / sum(it["tokens"] for it in items)
-    return items, dict(ppl=math.exp(nll), tokens=sum(it["tokens"] for it in items), truncated=truncated)
-
-
-def domain_nll_request(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) of a prompt/completion row as training sees it (data.tokenize_example):
-    the chat-formatted prompt, then the completion's tokens up to its end-of-turn token."""
-    ex = tokenize_example(tok, {"prompt": row["prompt"], "completion": row["completion"]}, max_len)
-    ids, labels = ex["input_ids"], ex["labels"]
-    pos = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]
-    if not pos or pos[0] == 0:
-        raise ForgetlabError(f"domain row {row['prompt'][:40]!r}: no answer token within max_len={max_len}")
-    a, b = pos[0], pos[-1] + 1
-    assert labels[a:b] == ids[a:b], "labelled answer tokens must be one contiguous span"
-    return ids[:a], ids[a:b]
-
-
-def score_domain(model, tok, rows, opts: Options, max_new_tokens: int = 48, max_len: int = 512):
-    responses = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, chat=True,
-                         batch_size=opts.batch_size, progress=opts.progress)
-    requests = [domain_nll_request(tok, r, max_len) for r in rows]
-    scores, _ = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
-    items = []
-    for row, resp, s, (_, cont) in zip(rows, responses, scores, requests):
-        answers = accepted_answers(row)
-        items.append(dict(id=row["id"], drug=row.get("drug"), prompt=row["prompt"], response=resp.strip(),
-                          answers=answers, correct=MATCHERS[opts.match](resp, answers), nll=-s / len(cont),
-                          tokens=len(cont)))
-    return items, dict(match=opts.match)
 
 
 # ----------------------------------------------------------------------------- the task table
-
-@dataclass(frozen=True)
-class Metric:
-    """A number reported with its interval and paired before/after: the mean of the items' `field`, weighted by
-    their `weight` field when given (tokens, for a token-weighted NLL). binary: a proportion of booleans."""
-    key: str
-    field: str
-    higher_is_better: bool = True
-    weight: str | None = None
-    binary: bool = True
-
 
 ACC = Metric("acc", "correct")
 ACC_NORM = Metric("acc_norm", "correct_norm")
@@ -385,23 +77,12 @@ ACCURACY = Metric("accuracy", "correct")
 TOKEN_NLL = Metric("nll", "nll", higher_is_better=False, weight="tokens", binary=False)
 WORD_NLL = Metric("nll", "nll", higher_is_better=False, binary=False)
 
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    data: Path
-    fields: tuple[str, ...]  # what every row must have
-    score: Callable  # score(model, tok, rows, opts) -> (items, extra results)
-    metrics: tuple[Metric, ...]
-    uses_match: bool = False  # its accuracy depends on --match
-
-
 BENCHMARK_FIELDS = ("id", "context", "choices", "gold", "scoring")
 TASKS = {t.name: t for t in [
     Task("general_qa", REPO / "data" / "general_qa.jsonl", ("question", "answer"), score_general_qa, (ACCURACY,),
          uses_match=True),
     Task("instructions", REPO / "data" / "instructions.jsonl", ("id", "prompt", "checks"), score_instructions,
-         (Metric("pass_rate", "passed"),)),
+         (Metric("pass_rate", "passed"),), check_file=load_instructions),
     Task("hellaswag", SHARED / "hellaswag.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
     Task("arc_easy", SHARED / "arc_easy.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
     Task("arc_challenge", SHARED / "arc_challenge.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
@@ -417,9 +98,10 @@ TASKS = {t.name: t for t in [
 
 # The before/after evaluations of train.py (--eval) and eval.py (--level): {task: items (None = the whole test
 # split)}, always on the test split. "full" keeps within the CPU time of the original five-task evaluation
-# (README), so the benchmarks enter as evenly spaced subsets of the two the default model is clearly above
-# chance on: log-likelihood scoring costs about 0.17 s per item on ARC-Easy and 0.14 s on LAMBADA there, 0.42 s
-# on HellaSwag (whose acc is at chance on 100 items, so it is left to --tasks). Whole sets: --split all.
+# (docs/evaluation.md), so the benchmarks enter as evenly spaced subsets of the two the default model is
+# clearly above chance on, ARC-Easy and LAMBADA (docs/evaluation.md gives their cost per item); HellaSwag,
+# several times as costly per item and whose acc is at chance on 100 items, is left to --tasks. Whole sets:
+# --split all.
 LEVELS = {
     "full": {"general_qa": None, "instructions": None, "ppl": None, "domain_recall": None, "domain_unseen": None,
              "arc_easy": 200, "lambada": 200},
@@ -431,55 +113,10 @@ LEVELS = {
 }
 
 
-# ----------------------------------------------------------------------------- rows and splits
-
-def row_split(row: dict) -> str:
-    """A row's fixed split: its "split" field, else (the public benchmarks) a hash of its id: sha256 even = dev."""
-    if "split" in row:
-        return row["split"]
-    return "dev" if hashlib.sha256(str(row["id"]).encode()).digest()[-1] % 2 == 0 else "test"
-
-
-def _check_row(task: str, row: dict) -> str | None:
-    """What is wrong with a row the task's scorer would read, or None."""
-    missing = [k for k in TASKS[task].fields if k not in row]
-    if missing:
-        return f"{task} row is missing field {missing[0]!r} (needs {', '.join(TASKS[task].fields)})"
-    if row.get("split", "dev") not in ("dev", "test"):
-        return f"split must be \"dev\" or \"test\", got {row['split']!r}"
-    if "choices" in row:
-        gold = row.get("gold", row.get("answer"))
-        if not (isinstance(row["choices"], list) and row["choices"] and isinstance(gold, int)
-                and 0 <= gold < len(row["choices"])):
-            return f"{task} row needs a non-empty list 'choices' and an integer index into it"
-    if "scoring" in row and row["scoring"] not in ("mc", "partial", "greedy"):
-        return f"unknown scoring {row['scoring']!r} (mc, partial or greedy)"
-    return None
-
-
 def load_task_rows(task: str, path, split: str = "all", limit: int | None = None) -> list[dict]:
-    """Rows of a task's JSONL file, checked for the fields the task reads, each with an "id" (its own, else
-    "<file>:<line>"); those of `split` ("dev", "test" or "all"); with a limit, `limit` rows evenly spaced over
-    them (files are often sorted by category or subject, so the first N would cover one)."""
-    path = Path(path)
-    if task == "instructions":
-        from instruction_checks import load_instructions
-
-        load_instructions(path)  # validates every row and its checks, naming the line
-    numbered = read_jsonl(path)
-    rows = []
-    for lineno, row in numbered:
-        problem = _check_row(task, row)
-        if problem:
-            raise ForgetlabError(f"{path}:{lineno}: {problem}")
-        rows.append({"id": f"{path.name}:{lineno}", **row})
-    if split != "all":
-        rows = [r for r in rows if row_split(r) == split]
-    if limit is not None and limit < len(rows):
-        if limit < 1:
-            raise ForgetlabError(f"--limit must be >= 1, got {limit}")
-        rows = [rows[i * len(rows) // limit] for i in range(limit)]
-    return rows
+    """The rows of TASKS[task] in the file `path`, checked, of `split`, `limit` of them evenly spaced
+    (tasks.rows.load_rows)."""
+    return load_rows(TASKS[task], path, split, limit)
 
 
 # ----------------------------------------------------------------------------- running tasks

@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distributed import full, is_dtensor, local
 from errors import ForgetlabError, check_names
 from model.checkpoint import read_safetensors, write_atomic_safetensors
 from model.llama import IGNORE_INDEX
@@ -376,20 +377,6 @@ class EWCPenalty(torch.autograd.Function):
         for g in grads:
             local(g).mul_(grad_out)
         return (None, *grads)
-
-
-def is_dtensor(t) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2), or t itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor (a collective: every rank must call it), or t itself."""
-    return t.full_tensor() if is_dtensor(t) else t
 
 
 def like(p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:

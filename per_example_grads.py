@@ -80,8 +80,8 @@ def add_sum_of_squares_(acc, per):
 
 
 class Scratch:
-    """A flat buffer reused for large temporaries. On CPU, every fresh 100 MB tensor costs ~0.2 s of page faults
-    (and more on a busy machine): more than the arithmetic done on it."""
+    """A flat buffer reused for large temporaries. On CPU, a fresh tensor of hundreds of MB costs page faults
+    that can exceed the arithmetic done on it (more on a busy machine)."""
 
     def __init__(self):
         self.buffer = None

@@ -19,10 +19,11 @@ completely, with every file's size and sha256 as written, skipping (with a warni
 truncated file, or one whose bytes changed in place, falls back to the previous checkpoint.
 
 Nothing on the read path unpickles: state.json is JSON, the tensors are safetensors. Under torchrun (several
-processes, distributed.py) each rank writes its own part, again as safetensors: see "several processes" below.
+processes, distributed.py) each rank writes its own part, again as safetensors: see sharded_checkpoint.py.
 """
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -35,8 +36,9 @@ import torch
 from safetensors.torch import save_file
 
 import distributed
-from errors import DuplicateKeyError, ForgetlabError, check_names, loads_strict, read_json_object
-from model.checkpoint import read_safetensors, read_tensors, write_atomic_text
+import sharded_checkpoint
+from errors import ForgetlabError, check_names, read_json_object
+from model.checkpoint import read_safetensors, write_atomic_text
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -161,7 +163,7 @@ def save_checkpoint(out, step: int, model, optimizer, method, progress: dict, co
     """Write <out>/checkpoints/step-<step>/ atomically and delete all but the newest `keep` checkpoints.
     `progress`: JSON-able run counters (data position, tokens, skipped batches) restored by the caller."""
     if distributed.world_size() > 1:
-        return save_sharded_checkpoint(out, step, model, optimizer, method, progress, config, keep)
+        return sharded_checkpoint.save(out, step, model, optimizer, method, progress, config, keep)
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
@@ -192,6 +194,50 @@ def save_checkpoint(out, step: int, model, optimizer, method, progress: dict, co
     for _, old in step_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_checkpoint(out: Path, model, optimizer, method, run, data, epoch: int, config: dict) -> Path:
+    """train.py's checkpoint of the state after step run.step, never of a poisoned model."""
+    if count_nonfinite(model):  # every rank stops, whichever holds the bad shard
+        raise ForgetlabError(f"step {run.step}: non-finite weights after the update: training stopped; "
+                             f"{checkpoint_note(run.checkpoint)}; lower --lr")
+    counters = dict(tokens=run.tokens, skipped=run.skipped, loss=run.loss, examples=len(data.train_set),
+                    epoch=epoch, steps_per_epoch=data.steps_per_epoch)
+    return save_checkpoint(out, run.step, model, optimizer, method, counters, config)
+
+
+def count_nonfinite(model) -> int:
+    """Trainable weights that are NaN or inf, over every rank's shards (every rank must call it)."""
+    bad = sum(int((~torch.isfinite(distributed.local(p))).sum()) for p in model.parameters() if p.requires_grad)
+    return int(distributed.all_reduce_sum(bad))
+
+
+def checkpoint_note(path) -> str:
+    return f"the last checkpoint, {path}, is intact" if path else "no checkpoint was written (see --save-every)"
+
+
+def nonfinite_cause(loss: float, extra, grad_norm: float) -> str | None:
+    """What is not finite in an optimizer step, or None: a NaN/inf loss poisons every gradient, and a finite loss
+    can still overflow in backward (an inf gradient norm)."""
+    if not math.isfinite(loss):
+        return f"loss ({loss})"
+    if extra is not None and not torch.isfinite(extra.detach()).all():
+        return f"method loss ({float(extra.detach())})"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm ({grad_norm})"
+    return None
+
+
+def skip_or_stop(step: int, cause: str, run, cfg):
+    """A non-finite optimizer step: drop its batch (no update; the schedule moves on) while --skip-nonfinite
+    allows, else stop the run, naming the step, the cause and the checkpoint to resume from."""
+    if run.skipped >= cfg.skip_nonfinite:
+        raise ForgetlabError(f"step {step + 1}: non-finite {cause}: training stopped; "
+                             f"{checkpoint_note(run.checkpoint)}; lower --lr, or skip such batches with "
+                             f"--skip-nonfinite N")
+    run.skipped += 1
+    print(f"step {step + 1}: non-finite {cause}: batch skipped ({run.skipped} of --skip-nonfinite "
+          f"{cfg.skip_nonfinite})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- read
@@ -244,7 +290,7 @@ def find_latest(out) -> tuple[Path, dict, dict] | None:
     """(path, state.json, tensors) of the newest checkpoint under <out> that reads back completely, None if
     there is none at all. Unreadable ones are skipped with a warning; ForgetlabError if every one is."""
     errors = []
-    read = read_sharded_checkpoint if distributed.world_size() > 1 else read_checkpoint
+    read = sharded_checkpoint.read if distributed.world_size() > 1 else read_checkpoint
     for _, path in reversed(step_dirs(out)):
         try:
             meta, tensors, error = *read(path), None
@@ -336,7 +382,7 @@ def resume(found, out, model, optimizer, method, total_steps: int, metrics: Path
     path, meta, tensors = found
     counters = meta["progress"]
     if distributed.world_size() > 1:
-        apply_sharded_checkpoint(path, meta, tensors, model, optimizer, method)
+        sharded_checkpoint.apply(path, meta, tensors, model, optimizer, method)
     else:
         apply_checkpoint(path, meta, tensors, model, optimizer, method)
     if main:
@@ -358,171 +404,3 @@ def trim_metrics(path: Path, step: int):
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut short by the kill: nothing after it is kept
     write_atomic_text(path, "".join(kept))
-
-
-# ----------------------------------------------------------------------------- several processes (torchrun)
-# Under torchrun (distributed.py) one checkpoint directory serves every rank:
-#     rank-<r>.safetensors  rank r's part of the state: its local shard of every DTensor (FSDP2: weights,
-#                           AdamW moments, the method's sharded state), and in rank 0's file the tensors every
-#                           rank holds whole (DDP's replicated weights, step counters), written once; rank r's
-#                           torch generators (rng.*), and its Python and NumPy states in the file's metadata
-#     state.json            as above, plus world_size, the optimizer's non-tensor values ("scalars") and the
-#                           names of the replicated tensors, and the byte size and sha256 of every rank's file
-# The tensors are named by their path in the state (model.<name>, optimizer.state.<name>.exp_avg, method.<key>).
-# A run resumes on as many ranks as wrote the checkpoint, so each rank's shards have the shapes they had: each
-# rank reads its own file back into its own shards, with no resharding and nothing but JSON and safetensors on
-# the way (torch.distributed.checkpoint's own reader unpickles its metadata file, so it is not used).
-
-
-def sharded_state(model, optimizer, method) -> dict:
-    """The state a torchrun checkpoint holds: {"model", "optimizer", "method"} keyed by parameter name, DTensors
-    under FSDP2. Frozen weights are left out (a LoRA run's base model is the checkpoint it started from)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": model_sd, "optimizer": optim_sd, "method": method.state_dict()}
-
-
-def state_leaves(obj, path: tuple = ()):
-    """(path, value) of every leaf of a nested state: dicts and lists are walked; tensors, numbers, strings and
-    tuples (AdamW's betas) are leaves."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from state_leaves(v, (*path, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from state_leaves(v, (*path, i))
-    else:
-        yield path, obj
-
-
-def leaf_name(path: tuple) -> str:
-    return ".".join(map(str, path))
-
-
-def rank_file(r: int) -> str:
-    return f"rank-{r}.safetensors"
-
-
-def save_sharded_checkpoint(out, step: int, model, optimizer, method, progress: dict, config: dict,
-                            keep: int = 2) -> Path:
-    """`save_checkpoint` on several ranks (every rank calls it): written into step-<N>.tmp/, renamed by rank 0
-    once every rank has written and fsynced its file, as atomic as the single-process one."""
-    rank, main = distributed.rank(), distributed.is_main()
-    root = checkpoint_dir(out)
-    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    distributed.barrier()
-    try:
-        tensors, scalars, replicated, aliases, seen = {}, {}, [], {}, {}
-        for path, leaf in state_leaves(sharded_state(model, optimizer, method)):
-            name = leaf_name(path)
-            if torch.is_tensor(leaf):  # a tensor met again under another name (tied embeddings) is saved once
-                t = distributed.local(leaf)
-                key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
-                if t.numel() and key in seen:
-                    aliases[name] = seen[key]
-                    continue
-                seen[key] = name
-            if distributed.is_dtensor(leaf):
-                tensors[name] = leaf.to_local()
-            elif torch.is_tensor(leaf):
-                replicated.append(name)
-                if main:  # the same on every rank: written once
-                    tensors[name] = leaf
-            else:
-                scalars[name] = leaf
-        rng_meta, rng_tensors = capture_rng()
-        tensors.update(rng_tensors)
-        file = tmp / rank_file(rank)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, file,
-                  metadata={"format": "pt", "rng": json.dumps(rng_meta)})
-        records = distributed.gather_objects(file_record(file))
-        if main:
-            meta = dict(version=FORMAT_VERSION, step=step, progress=progress, world_size=distributed.world_size(),
-                        optimizer_params=[n for n, p in model.named_parameters() if p.requires_grad],
-                        config=config, scalars=scalars, replicated=replicated, aliases=aliases,
-                        files={rank_file(r): rec for r, rec in enumerate(records)})
-            write_state_json(tmp, meta)
-            fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(root)
-            for _, old in step_dirs(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    distributed.barrier()
-    return final
-
-
-def read_sharded_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state.json, this rank's tensors: its own file's, and the replicated ones from rank 0's) of a
-    `save_sharded_checkpoint` directory, each file read checked against the size and sha256 state.json
-    recorded; ForgetlabError naming the file otherwise."""
-    path = Path(path)
-    meta = read_state_json(path, ("version", "step", "progress", "world_size", "files", "config", "scalars",
-                                  "replicated", "aliases", "optimizer_params"))
-    if meta["world_size"] != distributed.world_size():
-        raise ForgetlabError(f"{path}: written by {meta['world_size']} ranks, resumed on {distributed.world_size()}: "
-                             f"resume with the same number of processes")
-    if not (isinstance(meta["replicated"], list) and all(isinstance(n, str) for n in meta["replicated"])
-            and isinstance(meta["scalars"], dict) and isinstance(meta["aliases"], dict)):
-        raise ForgetlabError(f"{path / STATE_JSON}: malformed training checkpoint metadata")
-    rank = distributed.rank()
-    verify_files(path, meta["files"], sorted({rank_file(rank), rank_file(0)}))
-    own = path / rank_file(rank)
-    tensors, file_meta = read_safetensors(own)
-    try:
-        meta["rng"] = loads_strict(file_meta["rng"])
-    except (KeyError, TypeError, ValueError, DuplicateKeyError):
-        raise ForgetlabError(f"{own}: no readable RNG state in its metadata") from None
-    if rank != 0:
-        tensors.update(read_tensors(path / rank_file(0), meta["replicated"]))
-    return meta, tensors
-
-
-def apply_sharded_checkpoint(path, meta: dict, tensors: dict, model, optimizer, method):
-    """Load a `save_sharded_checkpoint` into the run, in place, each rank its own shards: every name and shape
-    is checked before anything changes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    path = Path(path)
-    if meta["optimizer_params"] != [n for n, p in model.named_parameters() if p.requires_grad]:
-        raise ForgetlabError(f"{path}: the checkpoint was saved for other trainable parameters")
-    state = sharded_state(model, optimizer, method)
-    leaves = list(state_leaves(state))
-    aliases = meta["aliases"]
-    for p, leaf in leaves:
-        name = leaf_name(p)
-        if torch.is_tensor(leaf):
-            target, name = distributed.local(leaf), aliases.get(name, name)
-            if name not in tensors:
-                raise ForgetlabError(f"{path}: does not fit this run (no tensor {name})")
-            if tensors[name].shape != target.shape:
-                raise ForgetlabError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, this run's is "
-                                     f"{tuple(target.shape)}")
-        elif name not in meta["scalars"]:
-            raise ForgetlabError(f"{path}: does not fit this run (no value {name})")
-    with torch.no_grad():
-        for p, leaf in leaves:
-            name = leaf_name(p)
-            if torch.is_tensor(leaf):
-                distributed.local(leaf).copy_(tensors[aliases.get(name, name)])
-            else:
-                parent = state
-                for k in p[:-1]:
-                    parent = parent[k]
-                value = meta["scalars"][name]
-                parent[p[-1]] = tuple(value) if isinstance(leaf, tuple) else value
-    # strict=False: the frozen weights are not in the checkpoint (every trainable tensor and optimizer state
-    # was checked above)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    if state["method"]:
-        method.load_state_dict(state["method"])

@@ -30,17 +30,13 @@ a weighted mean of the two optima: w* = b at λ = 0 (plain fine-tuning, A forgot
 (nothing learnt of B), moving monotonically between them. The demo puts the penalty through ewc.EWC and the
 weight through torch.optim.SGD, and prints the closed form beside where gradient descent ends.
 """
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
-from ewc import EWC  # noqa: E402
+from errors import ArgumentParser, ForgetlabError, run_cli
+from ewc import EWC
 
 FISHER = 1.0  # unit-variance Gaussian likelihood: F = Var(y) = 1 (see the module docstring)
 

@@ -29,7 +29,7 @@ Mitigations of phase 2 (the same data, seeds and steps unless the row says other
     replay   a quarter of each batch is task-A data trained through head_a (head_a trains too)
     ewc      λ/2 Σ F (θ − θ*)² via ewc.EWC, F the Fisher of task A at the end of phase 1 (see `task_fisher`)
 
-The baselines of methods.py, each in its toy form (train.py's method of the same name):
+The baselines of methods/, each in its toy form (train.py's method of the same name):
     l2-init      λ/2 Σ F̄ (θ − θ*)² on the shared layer: EWC with each of its F_i replaced by their mean F̄ (the
                  toy's "F = 1 on a mean-normalized scale") at ewc's λ, so ewc vs l2-init shows what the Fisher's
                  distribution adds; head_b is new and, as in L2-SP (Li et al. 2018), not pulled anywhere
@@ -46,26 +46,20 @@ The baselines of methods.py, each in its toy form (train.py's method of the same
     ewc-lora     the lora row plus λ/2 Σ F_W (s·B·A)², F_W the task-A Fisher of the shared weight W
 (freeze is the freeze row above: the toy's shared layer is its only layer below the heads.)
 
-Typical output (seed 0): plain ~76x, freeze 1.0x, lora ~450x, low_lr 1.5x (but B barely learnt), replay
-~4.6x, ewc ~2.4x (B learnt less well than plain), l2-init ~12x (B learnt worse than ewc's: the Fisher is
-what helps), kl ~1.1x, wise-ft ~19x (B lost), mofo ~310x, self-replay ~4.8x, ewc-lora ~1.3x (lora: ~450x).
+Its output for seed 0, with what each row shows, is in docs/methods.md.
 
 Deterministic: fixed seeds, full-batch training, no data shuffling.
 """
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
-from ewc import EWC  # noqa: E402
-from lora import apply_lora  # noqa: E402
-from methods import MoFOOptimizer  # noqa: E402
+from errors import ArgumentParser, ForgetlabError, run_cli
+from ewc import EWC
+from lora import apply_lora
+from methods.mofo import MoFOOptimizer
 
 METHODS = ("plain", "freeze", "lora", "low_lr", "replay", "ewc", "l2-init", "kl", "wise-ft", "mofo", "self-replay",
            "ewc-lora")

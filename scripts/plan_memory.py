@@ -30,9 +30,6 @@ bytes a real step allocates (the CPU allocator's own count, through the profiler
 torch.cuda.max_memory_allocated. Not counted: the CUDA context and NCCL buffers (~1-2 GiB per GPU), allocator
 fragmentation (leave ~10%), and the Fisher estimation, which runs before the optimizer state exists.
 """
-import os, sys  # noqa: E401
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import contextlib
 import math
 from dataclasses import dataclass
@@ -88,7 +85,7 @@ def activation_bytes(cfg: LlamaConfig, batch: int, seq: int, grad_ckpt: bool, co
     vocabulary under 64k every labelled position's float32 softmax gradient (vocab each) is kept; above, one
     chunk of 4096 positions at a time is recomputed in backward (model/loss.py, `linear_cross_entropy`).
     Backward's first temporaries, the gradients of the final hidden state and norm, add 2h.
-    Measured against a real step on CPU in tests/test_plan_memory.py (float32): within 15%."""
+    Checked against the peak of a real step on CPU in tests/test_plan_memory.py (float32)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     m, c = master_dtype.itemsize, compute_dtype.itemsize

@@ -6,10 +6,6 @@
 
 Every other entry point prepares the model on first use too; this script just makes that step explicit.
 """
-import os, sys  # noqa: E401
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 from errors import ArgumentParser, run_cli
 from model.convert_gguf import default_model_dir, is_prepared, prepare_default_model
 

@@ -22,7 +22,7 @@ methods.option_keys); a method option applies only to the methods that read it (
 ewc-lora), the others keep their preset. The grid is every method × the values of each key it reads × every
 seed, seeds innermost.
 
-Outputs in DIR:
+Outputs in DIR (the csv, the table and the plot are written by scripts/sweep_report.py):
     sweep.csv   one row per finished run: this grid's, then those that earlier sweeps left in DIR, so grids
                 run one after another into one DIR are tabulated and plotted together
     sweep.md    for each (method, params): the mean over seeds with its 95% Student-t interval (stats.py;
@@ -53,8 +53,7 @@ questions move in coarse steps. A good mitigation sits bottom right: large gain,
 Biderman et al. (2024, "LoRA Learns Less and Forgets Less") draw the same picture for LoRA vs full fine-tuning.
 """
 import argparse
-import csv
-import io
+import importlib
 import json
 import os
 import shutil
@@ -64,10 +63,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from errors import ArgumentParser, ForgetlabError, run_cli
 
-from errors import ArgumentParser, ForgetlabError, run_cli  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # the repository root: each run starts its train.py
+
+
+def sibling(name: str):
+    """scripts/<name>.py: `scripts.<name>` when the tests import scripts as a package, `<name>` when the scripts
+    run as scripts (scripts/ is then sys.path[0]); the project's own modules come from its install."""
+    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
+
 
 # column -> (stage, eval task, metric) read from results.json
 READ = dict(recall_acc=("after", "domain_recall", "accuracy"), recall_nll=("after", "domain_recall", "nll"),
@@ -130,11 +135,13 @@ def split_list(text: str, flag: str, kind=float) -> list[str]:
 def grid_keys(methods: list[str]) -> dict[str, tuple[type, set[str] | None]]:
     """Every key --grid accepts for these methods: {key: (value type, the methods that read it; None = all)}.
     The numeric train.py settings apply to every method; a method option (methods.option_keys) to its readers."""
-    import train
+    import dataclasses
+
     from methods import REGISTRY, option_keys
+    from train_config import TrainConfig
 
     keys = {f.name.replace("_", "-"): (f.type, None)
-            for f in train.dataclasses.fields(train.TrainConfig) if f.type in (int, float)}
+            for f in dataclasses.fields(TrainConfig) if f.type in (int, float)}
     for m in methods:
         for key, (_, _, typ) in option_keys(REGISTRY[m]).items():
             if typ in (int, float):
@@ -254,113 +261,6 @@ def check_same_flags(run_dir: Path, argv: list[str], out: Path):
                                  f"use another --out for this sweep")
 
 
-# ----------------------------------------------------------------------------- collecting
-
-def metric(results: dict, stage: str, task: str, key: str):
-    res = (results.get(stage) or {}).get(task) or {}
-    value = res.get(key)
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def diff(a, b):
-    return None if a is None or b is None else a - b
-
-
-def recorded_run(run_dir: Path) -> Run | None:
-    """The grid point of a finished run an earlier sweep left in run_dir (read from its sweep.json), or None
-    when run_dir is not such a run."""
-    record = run_dir / "sweep.json"
-    if not (record.is_file() and (run_dir / "results.json").is_file()):
-        return None
-    r = json.loads(record.read_text())
-    if not {"method", "params", "seed"} <= set(r):
-        return None
-    return Run(r["method"], r["params"], int(r["seed"]))
-
-
-def collect_row(run: Run, run_dir: Path) -> dict:
-    """One CSV row from a finished run's results.json (and sweep.json, when the sweep made the run)."""
-    results = json.loads((run_dir / "results.json").read_text())
-    training = results.get("training", {})
-    record = json.loads((run_dir / "sweep.json").read_text()) if (run_dir / "sweep.json").is_file() else {}
-    row = dict(method=run.method, params=run.params_label, seed=run.seed, run=run.name,
-               **{column: metric(results, *where) for column, where in READ.items()},
-               tokens=training.get("tokens"), wall_s=record.get("wall_s", training.get("total_seconds")),
-               peak_mem_mb=record.get("peak_rss_mb"))
-    row["recall_gain"] = diff(metric(results, "before", "domain_recall", "nll"), row["recall_nll"])
-    row["unseen_gain"] = diff(metric(results, "before", "domain_unseen", "nll"), row["unseen_nll"])
-    row["forgetting"] = diff(row["general_nll"], metric(results, "before", "ppl", "nll"))
-    row["qa_drop"] = diff(metric(results, "before", "general_qa", "accuracy"), row["general_qa_acc"])
-    return row
-
-
-def write_csv(rows: list[dict], path: Path):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: "" if r[k] is None else f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in COLUMNS})
-    path.write_text(buf.getvalue())
-
-
-def summary_table(rows: list[dict]) -> str:
-    """Markdown: one line per (method, params), each metric as the mean over its seeds with the 95% Student-t
-    interval of that mean (stats.mean_interval), "mean [lo, hi]"; a single seed gives the mean alone."""
-    import stats
-
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["params"]), []).append(r)
-    lines = ["| method | params | seeds | " + " | ".join(METRICS) + " |",
-             "|---|---|---:|" + "---:|" * len(METRICS)]
-    for (method, params), rs in groups.items():
-        cells = []
-        for k in METRICS:
-            xs = [r[k] for r in rs if r[k] is not None]
-            cells.append(stats.format_interval(*stats.mean_interval(xs), digits=DECIMALS[k]) if xs else "")
-        lines.append(f"| {method} | {params or '(preset)'} | {len(rs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both axes (gain higher or equal and forgetting lower or equal, one
-    strictly), sorted by gain. Along the front, more gain always costs more forgetting."""
-    front = [p for p in points
-             if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)]
-    return sorted(set(front))
-
-
-def plot(rows: list[dict], path: Path) -> bool:
-    """sweep.png; False (and a note) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so sweep.png is skipped (pip install matplotlib)", file=sys.stderr)
-        return False
-    pts = [r for r in rows if r["recall_gain"] is not None and r["forgetting"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    labels = sorted({(r["method"], r["params"]) for r in pts})
-    markers = "osD^v<>ph*"
-    for i, (method, params) in enumerate(labels):
-        group = [r for r in pts if (r["method"], r["params"]) == (method, params)]
-        ax.scatter([r["recall_gain"] for r in group], [r["forgetting"] for r in group], marker=markers[i % 10],
-                   s=36, label=f"{method} {params}".strip())
-    front = pareto_front([(r["recall_gain"], r["forgetting"]) for r in pts])
-    if front:
-        ax.plot(*zip(*front), "k--", lw=1, marker="o", ms=11, mfc="none", label="Pareto front")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("domain gain: recall-set NLL drop (nats/token)  →  learns more")
-    ax.set_ylabel("forgetting: general-text NLL rise (nats/token)  →  forgets more")
-    ax.set_title("Learning vs forgetting, one point per run")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
 # ----------------------------------------------------------------------------- the study (scripts/study.py)
 
 STUDY_RESERVED = ("--out", "--before")  # per run and machine: not part of what a run record must match
@@ -373,7 +273,7 @@ def study_argv(protocol: dict, run: Run) -> list[str]:
 
 def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: float, peak: float) -> dict:
     """What results/ keeps of a finished run: no weights, no prompts or responses, the per-item scores."""
-    from scripts import study
+    study = sibling("study")
 
     results = json.loads((run_dir / "results.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -383,7 +283,7 @@ def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: flo
 
 def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: dict) -> list[str]:
     """Run the study's two stages into `results` (resuming from the records it holds); returns failed runs."""
-    from scripts import study
+    study, study_report = sibling("study"), sibling("study_report")
     from concurrent.futures import ThreadPoolExecutor
 
     from errors import read_json_object
@@ -462,7 +362,7 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
         raise ForgetlabError(f"the first study run failed ({', '.join(failed)}), so the base model was not evaluated: "
                              f"see {out / 'logs'}")
     _, base, records = study.read_results_dir(results)
-    chosen = study.select(protocol, [r for r in study.rows_of(protocol, base, records) if r["split"] == "dev"])
+    chosen = study.select(protocol, [r for r in study_report.rows_of(protocol, base, records) if r["split"] == "dev"])
     print("study: chosen on dev: " + "; ".join(f"{m} {study.label(c['params'])}" for m, c in chosen.items()),
           file=sys.stderr)
     groups = study.test_groups(protocol, chosen)
@@ -498,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_study(args, extra):
     """--protocol / --report: the study, its runs in --out (weights, logs) and its records in --results."""
-    from scripts import study
+    study_report = sibling("study_report")
 
     if extra:
         raise ForgetlabError(f"--protocol and --report take no train.py flags (the protocol holds them): {extra[0]}")
@@ -511,7 +411,7 @@ def main_study(args, extra):
         out = Path(args.out if args.out != "runs/sweep" else "runs/study").resolve()
         failed = run_protocol(args.protocol, Path(args.results), out, args.jobs, dict(os.environ))
     results = Path(args.report or args.results)
-    written = study.write_report(results)
+    written = study_report.write_report(results)
     print((results / "study.md").read_text())
     print(f"wrote {', '.join(str(results / w) for w in written)}", file=sys.stderr)
     if failed:
@@ -552,16 +452,17 @@ def main(argv=None):
     print(f"sweep: {len(runs)} runs into {out}", file=sys.stderr)
     failed = run_all(runs, out, extra, env, quick_flags)
 
+    sweep_report = sibling("sweep_report")
     grid = {r.name for r in runs}
     finished = [(r, out / r.name) for r in runs]
     finished += [(r, d) for d in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in grid)
-                 if (r := recorded_run(d)) is not None]
-    rows = [collect_row(r, d) for r, d in finished if (d / "results.json").is_file()]
-    write_csv(rows, out / "sweep.csv")
-    table = summary_table(rows)
+                 if (r := sweep_report.recorded_run(d)) is not None]
+    rows = [sweep_report.collect_row(r, d) for r, d in finished if (d / "results.json").is_file()]
+    sweep_report.write_csv(rows, out / "sweep.csv")
+    table = sweep_report.summary_table(rows)
     (out / "sweep.md").write_text(f"# Sweep: {len(rows)} runs\n\nmean over seeds [95% t interval]; column "
                                   f"definitions in scripts/sweep.py.\n\n{table}\n")
-    plotted = plot(rows, out / "sweep.png")
+    plotted = sweep_report.plot(rows, out / "sweep.png")
     print(table)
     print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}" + (f", {out / 'sweep.png'}" if plotted else ""),
           file=sys.stderr)

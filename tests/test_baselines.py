@@ -8,11 +8,12 @@ import torch
 import methods
 import train
 from data import load_dataset, tokenize_dataset
+from errors import ForgetlabError
 from ewc import EWC
 from lora import lora_disabled, lora_modules, merge_lora
 from model import load_model
 from model.tokenizer import Tokenizer
-from tests.tiny import read_metrics, tiny_args, tiny_llama
+from tests.tiny import read_metrics, run_context, tiny_args, tiny_llama
 
 
 @torch.no_grad()
@@ -35,10 +36,10 @@ def test_l2_init_is_zero_at_the_start_and_its_gradient_is_that_of_the_formula():
     method = methods.get_method("l2-init", {"l2-init.lambda": 0.7})
     method.configure(model)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert float(method.extra_loss(model, 0)) == 0.0 and all(p.grad.abs().max() == 0 for p in model.parameters())
+    assert float(method.add_gradient(model, 0)) == 0.0 and all(p.grad.abs().max() == 0 for p in model.parameters())
     model.zero_grad(set_to_none=True)
     perturb_(model.parameters())
-    value = method.extra_loss(model, 1)
+    value = method.add_gradient(model, 1)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     reference = 0.7 / 2 * sum(((p - theta0[n]) ** 2).sum() for n, p in model.named_parameters())
@@ -54,7 +55,7 @@ def test_l2_init_equals_ewc_with_a_fisher_of_ones_at_the_same_lambda():
     method.configure(model)
     ewc = EWC(model, {n: torch.ones_like(p) for n, p in model.named_parameters()}, lam=0.5)  # mean-normalized: 1
     perturb_(model.parameters())
-    torch.testing.assert_close(method.extra_loss(model, 0), ewc.penalty(model).detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(method.add_gradient(model, 0), ewc.penalty(model).detach(), rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------- freeze
@@ -70,7 +71,7 @@ def test_freeze_leaves_the_embeddings_and_the_lowest_layers_bitwise_unchanged(ti
 
 
 def test_freeze_rejects_more_layers_than_the_model_has(tiny_dir, tiny_data, tmp_path):
-    with pytest.raises(methods.ForgetlabError, match="--freeze.layers 9: the model has 2 decoder layers"):
+    with pytest.raises(ForgetlabError, match="--freeze.layers 9: the model has 2 decoder layers"):
         train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "run", "--method", "freeze", "--freeze.layers", "9"))
 
 
@@ -121,7 +122,7 @@ def test_mofo_moves_exactly_the_entries_with_the_largest_momentum():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(20, 10))
     b = torch.nn.Parameter(torch.randn(7))
-    opt = methods.MoFOOptimizer([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+    opt = methods.mofo.MoFOOptimizer([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
                                 lr=1e-2, fraction=0.25)
     for step in range(3):
         before = [w.detach().clone(), b.detach().clone()]
@@ -140,7 +141,7 @@ def test_mofo_with_fraction_1_is_adamw():
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(6, 4)) for _ in range(2)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    mofo = methods.MoFOOptimizer([{"params": ps, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.99), fraction=1.0)
+    mofo = methods.mofo.MoFOOptimizer([{"params": ps, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.99), fraction=1.0)
     adamw = torch.optim.AdamW([{"params": qs, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.99))
     for _ in range(3):
         for p, q in zip(ps, qs):
@@ -157,7 +158,7 @@ def kl_method(tiny_dir, tiny_data, *flags):
     cfg, method = train.parse_config(["--method", "kl", "--batch-size", "4", "--general-data", tiny_data[1], *flags])
     model = load_model(tiny_dir)
     tok, general = general_examples(tiny_dir, tiny_data)
-    method.setup(model, tok, cfg, general)
+    method.setup(model, run_context(cfg, tok, general))
     method.configure(model)
     return model.train(), method
 
@@ -229,7 +230,7 @@ def test_self_replay_answers_come_from_the_base_model_and_are_read_back_from_the
     model = load_model(tiny_dir)
     tok, general = general_examples(tiny_dir, tiny_data)
     examples = general[:3]
-    replay = method.replay_examples(model, tok, cfg, examples)
+    replay = method.replay_examples(model, run_context(cfg, tok), examples)
     assert len(list((tmp_path / "cache").iterdir())) == 1
     for e, r in zip(examples, replay):
         n = next(i for i, y in enumerate(e["labels"]) if y != -100)  # the prompt: the same tokens, unlabelled
@@ -242,10 +243,10 @@ def test_self_replay_answers_come_from_the_base_model_and_are_read_back_from_the
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again instead of reading the cache")
     monkeypatch.setattr(generate, "generate_ids", no_generation)
-    assert method.replay_examples(model, tok, cfg, examples) == replay
+    assert method.replay_examples(model, run_context(cfg, tok), examples) == replay
     perturb_(model.parameters())  # another model: another cache entry
     with pytest.raises(AssertionError, match="generated again"):
-        method.replay_examples(model, tok, cfg, examples)
+        method.replay_examples(model, run_context(cfg, tok), examples)
 
 
 def test_self_replay_trains_on_the_replaced_examples(tiny_dir, tiny_data, tmp_path):
@@ -264,16 +265,17 @@ def ewc_lora_method(tiny_dir, tiny_data, lam=2.0):
                                       "--lora.dropout", "0"])
     model = load_model(tiny_dir)
     tok, general = general_examples(tiny_dir, tiny_data)
-    method.setup(model, tok, cfg, general)
+    method.setup(model, run_context(cfg, tok, general))
     method.configure(model)
     return model, method
 
 
 def test_ewc_lora_is_zero_at_the_start_and_its_fisher_is_the_base_weights(tiny_dir, tiny_data):
     model, method = ewc_lora_method(tiny_dir, tiny_data)
-    assert float(method.penalty()) == 0.0  # B = 0
-    assert set(method.fisher) == set(lora_modules(model)) and all(f.abs().max() > 0 for f in method.fisher.values())
-    assert all(method.fisher[n].shape == m.weight.shape for n, m in lora_modules(model).items())
+    assert float(method.penalty(model)) == 0.0  # B = 0
+    assert set(method.fisher) == {f"{n}.lora_B.weight" for n in lora_modules(model)}
+    assert all(f.abs().max() > 0 for f in method.fisher.values())
+    assert all(method.fisher[f"{n}.lora_B.weight"].shape == m.weight.shape for n, m in lora_modules(model).items())
 
 
 def test_ewc_lora_with_a_constant_fisher_is_the_ewc_penalty_of_the_merged_weights(tiny_dir, tiny_data):
@@ -281,7 +283,7 @@ def test_ewc_lora_with_a_constant_fisher_is_the_ewc_penalty_of_the_merged_weight
     for f in method.fisher.values():
         f.fill_(3.0)
     perturb_([m.lora_B.weight for m in lora_modules(model).values()], scale=0.5)
-    value = method.penalty()
+    value = method.penalty(model)
     value.backward()
 
     base = load_model(tiny_dir)  # EWC around W0 with F = 3 on the adapted weights, evaluated at the merged weights

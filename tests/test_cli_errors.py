@@ -125,7 +125,7 @@ TRAIN_CASES = [  # (argv change, message)
     (["--method-file", "{d}/syntax_error.py"], "syntax_error.py:3: SyntaxError: "),
     (["--method-file", "{d}/raises.py"], "raises.py:3: ValueError while importing the method file: math domain"),
     (["--method-file", "{d}/takes_ewc.py", "--method", "ewc"],
-     "takes_ewc.py:4: @register('ewc'): the name is taken by methods.ElasticWeightConsolidation"),
+     "takes_ewc.py:4: @register('ewc'): the name is taken by methods.ewc.ElasticWeightConsolidation"),
     (["--method-file", "{d}/vector_loss.py", "--method", "vector-loss"],
      "step 1: method 'vector-loss': extra_loss returned a tensor of shape (32,); it must return a scalar tensor"),
     (["--method-file", "{d}/float_loss.py", "--method", "float-loss"],

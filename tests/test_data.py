@@ -162,7 +162,7 @@ def test_load_jsonl_accepts_any_object_rows_and_skips_blank_lines(tmp_path):
 
 
 def test_shipped_domain_data_loads_and_fits_the_default_max_len(tok):
-    from train import TrainConfig
+    from train_config import TrainConfig
 
     rows = load_dataset(TrainConfig().data)
     n_drugs = len({r["drug"] for r in load_jsonl(TrainConfig().data)})

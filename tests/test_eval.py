@@ -1,6 +1,6 @@
-"""eval.py: log-likelihood and greedy scoring against hand computations and an independent transformers scorer
-on every benchmark, strict answer matching, splits and limits, paired before/after comparisons with intervals,
-the CLI, and an adapter that must change the results."""
+"""eval.py and tasks/: log-likelihood and greedy scoring against hand computations and an independent
+transformers scorer on every benchmark, strict answer matching, splits and limits, paired before/after
+comparisons with intervals, the CLI, and an adapter that must change the results."""
 import json
 import random
 from pathlib import Path
@@ -10,6 +10,11 @@ import torch
 
 import eval as ev
 from errors import run_cli
+from tasks.benchmarks import mmlu_as_benchmark, score_benchmark
+from tasks.common import Options
+from tasks.domain import domain_nll_request
+from tasks.loglikelihood import score_continuations, split_request
+from tasks.matching import cut_answer, strict_match, substring_match
 from tests.tiny import tiny_llama
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -63,7 +68,7 @@ def test_score_continuations_equals_logprobs_and_greedy_from_full_logits_whateve
     requests.append(([5], []))  # an empty continuation scores 0
     ref = [hand_logprob(model, c + x, len(c)) if x else (0.0, True) for c, x in requests]
     for batch_size, max_tokens in [(16, 2048), (3, 8), (1, 1)]:
-        scores, greedy = ev.score_continuations(model, requests, batch_size=batch_size, max_tokens=max_tokens)
+        scores, greedy = score_continuations(model, requests, batch_size=batch_size, max_tokens=max_tokens)
         assert scores == pytest.approx([r[0] for r in ref], abs=1e-4), (batch_size, max_tokens)
         assert greedy == [r[1] for r in ref]
     assert greedy[-3:] == [True, True, True] and not all(greedy)
@@ -72,11 +77,11 @@ def test_score_continuations_equals_logprobs_and_greedy_from_full_logits_whateve
 
 @pytest.mark.real_model
 def test_choice_starting_with_a_space_keeps_its_space_token(tok):
-    ctx, cont = ev.split_request(tok, "Question: What is the capital of France?\nAnswer:", " Paris")
+    ctx, cont = split_request(tok, "Question: What is the capital of France?\nAnswer:", " Paris")
     assert cont == tok.encode(" Paris") and len(cont) == 1  # "ĠParis", not "Ġ" + "Paris"
     assert ctx == tok.encode("Question: What is the capital of France?\nAnswer:", add_bos=tok.adds_bos)
     # A context ending in a space scores the same tokens: the space moves to the continuation.
-    assert ev.split_request(tok, "Question: What is the capital of France?\nAnswer: ", "Paris") == (ctx, cont)
+    assert split_request(tok, "Question: What is the capital of France?\nAnswer: ", "Paris") == (ctx, cont)
 
 
 @pytest.mark.real_model
@@ -85,7 +90,7 @@ def test_each_scoring_rule_scores_what_the_harness_scores_on_a_tiny_model(tok, t
     partial = dict(id="b", context="Tom gave Ann a gift because ", choices=["Tom", "Ann"], gold=0,
                    continuation=" was kind.", scoring="partial")
     greedy = dict(id="c", context="One, two, three,", choices=[" four"], gold=0, scoring="greedy")
-    items, _ = ev.score_benchmark(tiny_smol, tok, [mc, partial, greedy], ev.Options())
+    items, _ = score_benchmark(tiny_smol, tok, [mc, partial, greedy], Options())
 
     def ref(context, continuation):
         ctx = tok.encode(context)
@@ -106,9 +111,10 @@ def test_each_scoring_rule_scores_what_the_harness_scores_on_a_tiny_model(tok, t
 @pytest.mark.real_model
 def test_acc_norm_divides_by_the_choice_length_without_its_leading_space(tok, monkeypatch):
     # Fixed log-probs: the short choice wins on the sum, the long one per character.
-    monkeypatch.setattr(ev, "score_continuations", lambda model, reqs, **kw: ([-2.0, -3.0], [False, False]))
+    monkeypatch.setattr("tasks.benchmarks.score_continuations",
+                        lambda model, reqs, **kw: ([-2.0, -3.0], [False, False]))
     row = dict(id="x", context="q", choices=[" ab", " bbbbbbbbbb"], gold=1, scoring="mc")
-    item = ev.score_benchmark(None, tok, [row], ev.Options())[0][0]
+    item = score_benchmark(None, tok, [row], Options())[0][0]
     assert item["pred"] == 0 and item["pred_norm"] == 1  # -2/2 < -3/10
     assert (item["correct"], item["correct_norm"]) == (False, True)
 
@@ -118,8 +124,8 @@ def test_domain_nll_is_the_training_loss_of_the_reference_completion(tok, tiny_s
     from data import collate, tokenize_example
 
     row = dict(prompt="What class of drug is metformin?", completion="Metformin is a biguanide.", answer="biguanide")
-    ctx, cont = ev.domain_nll_request(tok, row, max_len=512)
-    nll = -ev.score_continuations(tiny_smol, [(ctx, cont)])[0][0] / len(cont)
+    ctx, cont = domain_nll_request(tok, row, max_len=512)
+    nll = -score_continuations(tiny_smol, [(ctx, cont)])[0][0] / len(cont)
     batch = collate([tokenize_example(tok, row, 512)], tok.pad_id)
     with torch.no_grad():
         loss = tiny_smol(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
@@ -159,12 +165,12 @@ def test_benchmark_scores_agree_with_a_transformers_scorer(task, smollm_dir, smo
 
     # The 100 shortest items, so that the reference scorer stays within seconds.
     rows = sorted(ev.load_task_rows(task, path), key=lambda r: len(json.dumps(r)))[:100]
-    items, _ = ev.TASKS[task].score(smollm[0], tok, rows, ev.Options(batch_size=32))
+    items, _ = ev.TASKS[task].score(smollm[0], tok, rows, Options(batch_size=32))
     hf = LlamaForCausalLM.from_pretrained(smollm_dir).eval()
     hf_tok = AutoTokenizer.from_pretrained(smollm_dir)
     agree, max_diff = 0, 0.0
     for row, item in zip(rows, items):
-        row = ev.mmlu_as_benchmark(row) if task == "mmlu" else row
+        row = mmlu_as_benchmark(row) if task == "mmlu" else row
         ref, greedy = reference_scores(hf, hf_tok, row)
         if row["scoring"] == "greedy":
             agree += greedy == item["correct"]
@@ -192,8 +198,8 @@ def test_benchmark_splits_are_disjoint_halves_fixed_by_the_item_ids():
 # ----------------------------------------------------------------------------- answer matching
 
 def test_cut_answer_keeps_the_first_paragraph_only():
-    assert ev.cut_answer(" Paris.\n\nQuestion: What is ...") == "Paris."
-    assert ev.cut_answer(" Paris\nQuestion: What is the capital of Spain?\nAnswer: Madrid") == "Paris"
+    assert cut_answer(" Paris.\n\nQuestion: What is ...") == "Paris."
+    assert cut_answer(" Paris\nQuestion: What is the capital of Spain?\nAnswer: Madrid") == "Paris"
 
 
 @pytest.mark.parametrize("response, answers, expected", [
@@ -216,12 +222,12 @@ def test_cut_answer_keeps_the_first_paragraph_only():
     ("", ["a"], False),
 ])
 def test_strict_match_needs_word_and_number_boundaries_in_the_answer_span(response, answers, expected):
-    assert ev.strict_match(response, answers) is expected
+    assert strict_match(response, answers) is expected
 
 
 def test_substring_match_is_the_original_loose_rule():
-    assert ev.substring_match("It means 18", ["mean"]) and ev.substring_match("It means 18", ["8"])
-    assert not ev.substring_match("London", ["Paris", "paris, france"])
+    assert substring_match("It means 18", ["mean"]) and substring_match("It means 18", ["8"])
+    assert not substring_match("London", ["Paris", "paris, france"])
 
 
 # ----------------------------------------------------------------------------- instruction following
@@ -248,7 +254,7 @@ CHECK_CASES = {  # the original 16-item checklist, now inside data/instructions.
 
 @pytest.mark.parametrize("name", sorted(CHECK_CASES))
 def test_the_original_checklist_items_pass_a_good_response_and_fail_a_bad_one(name):
-    from instruction_checks import check_response
+    from tasks.instruction_checks import check_response
 
     rows = {r["id"]: r for r in ev.load_task_rows("instructions", ev.TASKS["instructions"].data)}
     good, bad = CHECK_CASES[name]

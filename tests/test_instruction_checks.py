@@ -1,13 +1,13 @@
-"""instruction_checks.py: every check type on a response that passes and one that fails, the loader's one-line
-errors on bad rows, and the shape of the shipped data/instructions.jsonl."""
+"""tasks/instruction_checks.py: every check type on a response that passes and one that fails, the loader's
+one-line errors on bad rows, and the shape of the shipped data/instructions.jsonl."""
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-import instruction_checks as ic
 from errors import ForgetlabError
+from tasks import instruction_checks as ic
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "instructions.jsonl"
 

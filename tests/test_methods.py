@@ -9,33 +9,13 @@ import methods
 import train
 from errors import ForgetlabError
 from model import load_model
-from tests.tiny import read_metrics, tiny_args
+from tests.tiny import read_metrics, run_context, tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The custom-mitigation example the README shows; test_readme_shows_this_example keeps the two identical.
-L1_INIT_EXAMPLE = '''\
-"""L1-to-init: lambda * sum |theta - theta_0|, which lets a few weights move far rather than many a little."""
-from dataclasses import dataclass
-
-from methods import Method, option, register
-
-
-@register("l1-init")
-class L1Init(Method):
-    defaults = {"lr": 1e-4}
-
-    @dataclass
-    class Options:
-        strength: float = option(1e-4, "lambda in lambda * sum |theta - theta_0|")
-
-    def configure(self, model):
-        self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def extra_loss(self, model, step):
-        return self.options.strength * sum((p - self.theta0[n]).abs().sum()
-                                           for n, p in model.named_parameters() if n in self.theta0)
-'''
+# The plug-in the README shows (test_readme_shows_the_example keeps the two identical).
+EXAMPLE = REPO / "examples" / "l1_init.py"
+L1_INIT_EXAMPLE = EXAMPLE.read_text()
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -51,8 +31,7 @@ def test_register_rejects_a_class_that_is_not_a_method():
 
 
 def test_custom_method_file_runs_with_its_own_option_and_its_penalty_holds_weights_back(tiny_dir, tiny_data, tmp_path):  # noqa: F811
-    example = tmp_path / "l1_init.py"
-    example.write_text(L1_INIT_EXAMPLE)
+    example = EXAMPLE
     assert len(L1_INIT_EXAMPLE.splitlines()) <= 30
     runs = {}
     for name, extra in [("l1", ["--method-file", str(example), "--method", "l1-init", "--l1-init.strength", "0.01"]),
@@ -69,8 +48,7 @@ def test_custom_method_file_runs_with_its_own_option_and_its_penalty_holds_weigh
 
 
 def test_custom_method_options_show_in_help_under_its_name(tmp_path, capsys):
-    example = tmp_path / "l1_init.py"
-    example.write_text(L1_INIT_EXAMPLE)
+    example = EXAMPLE
     with pytest.raises(SystemExit):
         train.parse_config(["--method-file", str(example), "--help"])
     text = capsys.readouterr().out
@@ -78,7 +56,7 @@ def test_custom_method_options_show_in_help_under_its_name(tmp_path, capsys):
     assert "--l1-init.strength FLOAT" in group and "(default: 0.0001)" in group
 
 
-def test_readme_shows_this_example():
+def test_readme_shows_the_example():
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert L1_INIT_EXAMPLE in blocks
@@ -87,8 +65,8 @@ def test_readme_shows_this_example():
 class Recorder(methods.Method):
     calls: list = []  # class-level: train.main builds its own instance
 
-    def setup(self, model, tok, cfg, general_examples):
-        self.calls.append(("setup", len(general_examples)))
+    def setup(self, model, run):
+        self.calls.append(("setup", len(run.general)))
 
     def configure(self, model):
         self.calls.append(("configure",))
@@ -205,7 +183,7 @@ def test_ewc_state_dict_round_trips(tiny_dir, tiny_data):  # noqa: F811
     model, tok = load_model(tiny_dir), Tokenizer.from_dir(tiny_dir)
     cfg, method = train.parse_config(["--method", "ewc", "--ewc.fisher-samples", "4"])
     general, _ = tokenize_dataset(tok, load_dataset(tiny_data[1]), 256)
-    method.setup(model, tok, cfg, general)
+    method.setup(model, run_context(cfg, tok, general))
     state = {k: v.clone() for k, v in method.state_dict().items()}
     for f in method.ewc.fisher:
         f.zero_()
@@ -223,9 +201,9 @@ def test_the_fisher_sample_is_drawn_by_the_seed(tiny_dir, tiny_data, monkeypatch
     tok = Tokenizer.from_dir(tiny_dir)
     general, _ = tokenize_dataset(tok, load_dataset(tiny_data[1]), 256)
     drawn = []
-    monkeypatch.setattr(methods, "estimate_fisher", lambda model, batches, **kw: drawn.append(
+    monkeypatch.setattr(methods.ewc, "estimate_fisher", lambda model, batches, **kw: drawn.append(
         sorted(tuple(row) for b in batches for row in b["input_ids"].tolist())))
     for seed in ("0", "0", "1"):
         cfg, method = train.parse_config(["--method", "ewc", "--ewc.fisher-samples", "4", "--seed", seed])
-        methods.estimate_general_fisher(None, tok, cfg, method.options, general)
+        methods.ewc.estimate_general_fisher(None, run_context(cfg, tok, general), method.options)
     assert len(general) > 4 and drawn[0] == drawn[1] and drawn[0] != drawn[2]

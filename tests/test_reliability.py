@@ -635,7 +635,7 @@ def test_a_sweep_refuses_a_bad_grid_value_before_its_first_run(tmp_path, capsys)
 
 
 def test_a_truncated_self_replay_cache_is_generated_again(tmp_path, capsys):
-    from methods import SelfReplay
+    from methods.self_replay import SelfReplay
 
     file = tmp_path / "cache.json"
     file.write_text('{"1,2,3": [4, 5], "6,7": [8')

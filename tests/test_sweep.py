@@ -5,7 +5,7 @@ import json
 import pytest
 
 from errors import ForgetlabError
-from scripts import sweep
+from scripts import sweep, sweep_report
 
 try:
     import matplotlib  # noqa: F401
@@ -30,7 +30,7 @@ def test_grid_applies_each_axis_only_to_the_methods_that_read_it():
 
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(1.0, 0.5), (2.0, 1.0), (1.5, 1.2), (0.5, 0.1), (2.0, 1.1)]  # (gain, forgetting)
-    assert sweep.pareto_front(pts) == [(0.5, 0.1), (1.0, 0.5), (2.0, 1.0)]
+    assert sweep_report.pareto_front(pts) == [(0.5, 0.1), (1.0, 0.5), (2.0, 1.0)]
 
 
 def fake_results(gain: float, forgetting: float) -> dict:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import methods
 import train
+import train_config
 from data import batches_by_length, load_dataset, tokenize_dataset
 from errors import ForgetlabError, run_cli
 from model import load_model
@@ -75,7 +77,7 @@ def test_method_presets_replace_defaults_but_explicit_flags_win():
         (2e-5, 3, 4, 4, 0.05, "cosine", 0.01)
     cfg, _ = train.parse_config(["--method", "risky"])
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.warmup) == (5e-5, 10, 1, 0.0)
-    default_lr = train.TrainConfig().lr
+    default_lr = train_config.TrainConfig().lr
     cfg, _ = train.parse_config(["--method", "safe", "--lr", str(default_lr), "--epochs", "1"])
     assert (cfg.lr, cfg.epochs, cfg.batch_size) == (default_lr, 1, 4)  # typed flags win even when equal to defaults
     cfg, _ = train.parse_config(["--method", "replay"])
@@ -142,7 +144,7 @@ def test_bad_arguments_are_one_line_errors(argv, message):
 OPTIONS_FOR_TINY = {"freeze": ["--freeze.layers", "1"], "self-replay": ["--self-replay.max-new-tokens", "4"]}
 
 
-@pytest.mark.parametrize("method", list(train.REGISTRY))
+@pytest.mark.parametrize("method", list(methods.REGISTRY))
 def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, tiny_data, tmp_path, method):
     out = tmp_path / "run"
     extra = OPTIONS_FOR_TINY.get(method, []) + (["--self-replay.cache", str(tmp_path / "cache")]
@@ -154,7 +156,7 @@ def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, 
                            + (["ewc.safetensors"] if method == "ewc" else []))
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["total_steps"] == 3
-    assert set(train.option_keys(train.REGISTRY[method])) <= set(config)  # every option of the method, recorded
+    assert set(methods.option_keys(methods.REGISTRY[method])) <= set(config)  # every option of the method, recorded
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) and m["tokens_per_second"] > 0 for m in metrics)

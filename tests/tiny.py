@@ -56,3 +56,13 @@ def tiny_args(tiny_dir, tiny_data, out, *extra):
 
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_context(cfg, tok, general=(), domain=(), total_steps: int | None = None):
+    """The RunContext train.py would give a method's hooks for the flags `cfg` (hook-level tests)."""
+    from methods import RunContext
+
+    return RunContext(seed=cfg.seed, batch_size=cfg.batch_size, max_len=cfg.max_len,
+                      total_steps=total_steps or cfg.max_steps or 10**9, tokenizer=tok, device="cpu",
+                      domain=list(domain), general=list(general), general_data=str(cfg.general_data),
+                      model_name=str(cfg.model or ""), replay_fraction=cfg.replay_fraction, fsdp=cfg.fsdp)

@@ -1,0 +1,152 @@
+"""The files of a run's output directory, besides the model and the checkpoints: config.json and before.json
+(written before training), results.json and report.md (after), and the rule for a run that stops early.
+
+    config.json    every resolved flag and option, and how the run was made (device, world size)
+    before.json    the base model's evaluation with its level, split and the weights' sha256 (read back by
+                   --resume and by another run's --before)
+    results.json   before / after evaluation and their comparison, the training summary, a method's variants
+    report.md      the same, readable
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import distributed
+from errors import ForgetlabError, no_space_error, read_json_object
+from eval import compare_forgetting, format_report
+from lora import lora_state_dict, save_adapter
+from model import save_pretrained
+from model.checkpoint import write_atomic_text
+
+BEFORE_JSON = "before.json"
+
+
+def write_config(cfg, method, device: str, backend, data, out: Path, before) -> dict:
+    """config.json (every resolved flag and option, and how the run was made) and before.json, from rank 0."""
+    config = {**dataclasses.asdict(cfg), **method.option_values(), "device": device,
+              "total_steps": data.total_steps, "warmup_steps": data.warmup_steps,
+              "world_size": distributed.world_size(), "backend": backend}
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic_text(out / "config.json", json.dumps(config, indent=2))  # on --resume: the flags now in force
+        if before is not None:
+            write_atomic_text(out / BEFORE_JSON, json.dumps(before))
+    distributed.barrier()  # --out exists before any rank writes a checkpoint into it
+    return config
+
+
+def read_before(cfg, want: dict) -> dict | None:
+    """The "before" record saved earlier, when it was made at the --eval level and split asked now on these very
+    weights (`want`): --before FILE (another run's, which must match: an error otherwise), or on --resume the
+    run's own before.json (evaluated again if it does not match)."""
+    file = Path(cfg.before) if cfg.before else Path(cfg.out) / BEFORE_JSON
+    if not (cfg.before or cfg.resume) or not file.is_file():
+        return None
+    saved = read_json_object(file, "saved before-evaluation")
+    wrong = [k for k, v in want.items() if saved.get(k) != v]
+    if wrong or not isinstance(saved.get("results"), dict):
+        if cfg.before:
+            what = ("its weights are not this model's" if wrong == ["weights_sha256"] else
+                    "it holds no results" if not wrong else
+                    f"it was made with {wrong[0]}={saved.get(wrong[0])!r}, this run asks {want[wrong[0]]!r}")
+            raise ForgetlabError(f"--before {file}: {what}")
+        return None
+    print(f"[before] evaluation ({cfg.eval}, {cfg.eval_split} split) read back from {file}", file=sys.stderr)
+    return saved
+
+
+def save_outputs(model, tok, cfg, out: Path):
+    """The adapter (a LoRA run) or the whole model, written under a temporary name and renamed: an interrupted
+    save leaves no half-written directory."""
+    name = "adapter" if lora_state_dict(model) else "model"
+    final, tmp = out / name, out / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if name == "adapter":
+            save_adapter(model, tmp, base_model_name_or_path=str(cfg.model or ""))
+        else:
+            save_pretrained(model, tmp, copy_tokenizer_from=tok.source)
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run that had already saved
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_results(out: Path, method, before, after, summary: dict, variants: dict | None = None) -> dict:
+    """results.json and report.md: the before/after comparison (when evaluated) and the training summary.
+    variants ({label: evaluation}, Method.variants, e.g. wise-ft's alpha=0.25): each compared with "before" in
+    its own report section, and kept in results.json "after_variants" as {label: {after, comparison}}."""
+    results = dict(training=summary)
+    report = f"# forgetlab: {method.name}\n\n"
+    if before is not None:
+        comparison = compare_forgetting(before, after)
+        results.update(before=before, after=after, comparison=comparison)
+        report += format_report(comparison) + "\n\n"
+        if variants:
+            results["after_variants"] = {}
+            for label, evaluation in variants.items():
+                c = compare_forgetting(before, evaluation)
+                results["after_variants"][label] = dict(after=evaluation, comparison=c)
+                report += f"## {method.name} {label}\n\n" + format_report(c) + "\n\n"
+    report += training_summary_md(summary)
+    write_atomic_text(out / "results.json", json.dumps(results, indent=2))
+    write_atomic_text(out / "report.md", report)
+    print(report)
+    print(f"wrote {out}", file=sys.stderr)
+    return results
+
+
+def run_summary(method, counts: tuple, data, run, seconds: dict, tokens_now: int,
+                t_start: float) -> dict:
+    return dict(method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
+                examples=len(data.train_set), replay_examples=len(data.train_set) - data.n_domain,
+                truncated=data.truncated, truncated_general=data.truncated_general, tokens=run.tokens,
+                train_seconds=seconds["train"], tokens_per_second=tokens_now / max(seconds["train"], 1e-9),
+                final_loss=run.loss, trainable_params=counts[0], total_params=counts[1], seconds=seconds,
+                total_seconds=time.time() - t_start)
+
+
+def training_summary_md(s: dict) -> str:
+    rows = [("method", s["method"]), ("steps", s["steps"]), ("epochs", f"{s['epochs']:.2f}"),
+            ("training examples", f"{s['examples']} ({s['replay_examples']} replay, {s['truncated']} truncated)"),
+            ("tokens processed", s["tokens"]), ("training time", f"{s['train_seconds']:.0f} s"),
+            ("tokens/s", f"{s['tokens_per_second']:.0f}"), ("final loss", f"{s['final_loss']:.4f}"),
+            ("trainable parameters", f"{s['trainable_params']:,} of {s['total_params']:,}"),
+            ("total time", f"{s['total_seconds']:.0f} s ("
+                           + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in s["seconds"].items()) + ")")]
+    return "## Training\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, model, cfg):
+    """The run's output directory for the block. If the run stops (a user error, a non-finite step, a full disk,
+    Ctrl-C) before any checkpoint exists in it, a fresh run's directory is removed: nothing is left that neither
+    --resume nor a new run could use, and the same --out can be given again. A run with checkpoints keeps them,
+    and its config.json and metrics.jsonl, for --resume. A full disk becomes one line naming the space needed."""
+    existed = out.exists()  # then empty: parse_config refuses a fresh run's --out that holds anything
+    try:
+        yield
+    except BaseException as e:
+        if not cfg.resume and distributed.is_main() and out.is_dir() and not any(out.glob("checkpoints/step-*")):
+            for p in (out.iterdir() if existed else [out]):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            model_bytes, checkpoint_bytes = bytes_to_write(model)
+            need = model_bytes + (checkpoint_bytes if cfg.save_every else 0)
+            if (full := no_space_error(out, e, need)) is not None:
+                raise full from None
+        raise
+
+
+def bytes_to_write(model) -> tuple[int, int]:
+    """(the final model or adapter, one checkpoint) in bytes, roughly: what a run writes at most at once. A
+    checkpoint holds the trainable weights and AdamW's two moments."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (trainable if lora_state_dict(model) else every), 3 * trainable

@@ -1,0 +1,295 @@
+"""The study's report: study.md, study.csv and the figures, rebuilt from a results directory's records alone
+(the protocol, the per-run records and the selection rule: scripts/study.py, which describes the quantities).
+
+    python scripts/sweep.py --report results/study      # write_report(results/study)
+"""
+import csv
+import importlib
+import io
+import math
+import sys
+from pathlib import Path
+
+import stats
+
+
+def sibling(name: str):
+    """scripts/<name>.py: `scripts.<name>` when the tests import scripts as a package, `<name>` when the scripts
+    run as scripts (scripts/ is then sys.path[0]); the project's own modules come from its install."""
+    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
+
+
+study = sibling("study")
+SPLITS, QUANTITIES, LEVELS_AFTER = study.SPLITS, study.QUANTITIES, study.LEVELS_AFTER
+label, settings, quantities, split_metrics = study.label, study.settings, study.quantities, study.split_metrics
+read_results_dir, select, test_groups = study.read_results_dir, study.select, study.test_groups
+
+
+def rows_of(protocol: dict, base: dict, runs: list[dict]) -> list[dict]:
+    """One row per run and split: its identity, its quantities, and its cost."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (list(protocol["methods"]).index(r["method"])
+                                         if r["method"] in protocol["methods"] else 99, label(r["params"]), r["seed"])):
+        for split in SPLITS:
+            rows.append(dict(method=r["method"], params=r["params"], seed=r["seed"], split=split,
+                             **quantities(r["items"], base, split), wall_s=r.get("wall_s"), cpu_s=r.get("cpu_s")))
+    return rows
+
+
+def record_of(runs: list[dict], row: dict) -> dict:
+    return next(x for x in runs if (x["method"], x["params"], x["seed"]) == (row["method"], row["params"], row["seed"]))
+
+
+def fmt(x, digits: int = 4, sign: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    x = round(x, digits) + 0.0  # no "-0.0000" (-0.0 + 0.0 is +0.0)
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def over_seeds(values: list[float], digits: int = 4) -> str:
+    """"mean [lo, hi]" (95% t interval over seeds), "mean (1 seed)" with one."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{fmt(values[0], digits)} (1 seed)"
+    mean, lo, hi = stats.mean_interval(values)
+    return f"{fmt(mean, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+# column -> (task, item field, token-weighted, sign): the per-item form of QUANTITIES, for paired item statistics
+ITEM_COLUMNS = {"recall_gain": ("domain_recall", "nll", True, -1), "unseen_gain": ("domain_unseen", "nll", True, -1),
+                "forgetting": ("ppl", "nll", True, +1), "lambada_nll": ("lambada", "nll", False, +1),
+                "lambada": ("lambada", "correct", False, +1), "arc_easy": ("arc_easy", "correct", False, +1),
+                "general_qa": ("general_qa", "correct", False, +1)}
+
+
+def seed_mean(items_of_runs: list[dict], task: str, field: str) -> dict:
+    """{item id: (its value averaged over the runs, its token weight)} on the test half."""
+    values, weight = {}, {}
+    for items in items_of_runs:
+        for it in items.get(task, []):
+            if it["split"] == "test":
+                values.setdefault(it["id"], []).append(float(it[field]))
+                weight[it["id"]] = it.get("tokens", 1)
+    return {i: (sum(v) / len(v), weight[i]) for i, v in values.items() if len(v) == len(items_of_runs)}
+
+
+def item_interval(after: list[dict], before: list[dict], column: str) -> tuple | None:
+    """(mean, lo, hi): the change from `before` to `after` (each a list of runs' items, averaged over them item by
+    item), paired by item, with a 95% bootstrap interval over the test items (stats.paired_bootstrap). It holds
+    the item sampling that an interval over seeds does not."""
+    task, field, weighted, sign = ITEM_COLUMNS[column]
+    a, b = seed_mean(after, task, field), seed_mean(before, task, field)
+    ids = [i for i in a if i in b]
+    if not ids:
+        return None
+    value, lo, hi = stats.paired_bootstrap([b[i][0] for i in ids], [a[i][0] for i in ids],
+                                           weights=[a[i][1] for i in ids] if weighted else None)
+    return (value, lo, hi) if sign > 0 else (-value, -hi, -lo)
+
+
+def interval_text(iv, digits: int = 4) -> str:
+    return "–" if iv is None else f"{fmt(iv[0], digits)} [{fmt(iv[1], digits)}, {fmt(iv[2], digits)}]"
+
+
+def words(values: list[float], per_item, higher_is_worse: bool) -> str:
+    """The verdict the intervals allow: a direction only when both the interval over seeds and the per-item
+    interval exclude zero, on the same side."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2 or per_item is None:
+        return "not enough runs for an interval"
+    _, lo, hi = stats.mean_interval(values)
+    sides = {lo > 0 if not lo <= 0 <= hi else None, per_item[1] > 0 if not per_item[1] <= 0 <= per_item[2] else None}
+    if None in sides or len(sides) > 1:
+        return "no detectable change"
+    return "worse" if sides.pop() == higher_is_worse else "better"
+
+
+DEV_COLUMNS = ["recall_gain", "unseen_gain", "forgetting", "lambada_nll", "recall_acc_gain", "arc_easy", "lambada"]
+TEST_LEARN = ["recall_gain", "unseen_gain", "recall_acc_gain", "unseen_acc_gain"]
+TEST_FORGET = ["forgetting", "lambada_nll", "lambada", "arc_easy", "general_qa"]
+WORSE_WHEN_HIGHER = {"forgetting", "lambada_nll"}  # the other forgetting columns are accuracies: lower is worse
+
+
+def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) -> str:
+    """study.md from the records and their rows (rows_of: computed once for the tables, the csv and the figures)."""
+    dev = [r for r in rows if r["split"] == "dev"]
+    chosen = select(protocol, dev)
+    first = protocol["seeds"][0]
+    out = ["# The study: results", "",
+           f"Rebuilt by `python scripts/sweep.py --report DIR` from protocol.json, base.json and runs/*.json alone. "
+           f"{len(runs)} runs; CPU time {sum(r.get('cpu_s') or 0 for r in runs) / 3600:.1f} h "
+           f"(user + system seconds of the train.py processes).", "",
+           f"## Dev: every setting, seed {first} (the selection rule reads this table)", "",
+           "| method | setting | " + " | ".join(DEV_COLUMNS) + " | chosen |",
+           "|---|---|" + "---|" * len(DEV_COLUMNS) + "---|"]
+    for m in protocol["methods"]:
+        for params in settings(protocol, m):
+            r = next((x for x in dev if x["method"] == m and x["params"] == params and x["seed"] == first), None)
+            cells = [fmt(r[c]) if r else "not run" for c in DEV_COLUMNS]
+            mark = "**yes**" if m in chosen and chosen[m]["params"] == params else ""
+            out.append(f"| {m} | {label(params)} | " + " | ".join(cells) + f" | {mark} |")
+    out += ["", "Selection (" + protocol["selection"]["rule"] + "):", ""]
+    out += [f"- {m}: {label(c['params'])}: {c['reason']}" for m, c in chosen.items()]
+    missing = [m for m in protocol["methods"] if m not in chosen]
+    out += [f"- {m}: not chosen yet (dev runs missing)" for m in missing]
+
+    groups = test_groups(protocol, chosen)
+    test = {name: [r for r in rows if r["split"] == "test" and r["method"] == m and r["params"] == params]
+            for name, m, params in groups}
+    setting = {name: params for name, _, params in groups}
+    ref = protocol["selection"]["reference"]
+    for title, cols in (("learning (higher = learnt more)", TEST_LEARN),
+                        ("forgetting (NLL: higher = forgot more; accuracies: lower = forgot more)", TEST_FORGET)):
+        out += ["", f"## Test, chosen settings: {title}", "",
+                "Mean over seeds with its 95% t interval; each value is after − before on the test split.", "",
+                "| method | setting | seeds | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for m, rs in test.items():
+            cells = [over_seeds([r[c] for r in rs]) for c in cols]
+            out.append(f"| {m} | {label(setting[m])} | {len(rs)} | " + " | ".join(cells) + " |")
+    cols = TEST_LEARN[:2] + TEST_FORGET
+    pairings = [(f"each method minus {ref}", [(m, ref) for m in test if m != ref and m in chosen])] if ref in test else []
+    controls = [(name, c["like"]) for name, c in protocol.get("controls", {}).items() if name in test]
+    pairings += [("each control minus the method it controls", [(c, like) for c, like in controls])] if controls else []
+    extra = [(a, b) for a, b in protocol.get("compare", []) if a in test and b in test]
+    pairings += [("the protocol's further comparisons", extra)] if extra else []
+    for title, pairs_of in pairings:
+        out += ["", f"## Test: {title}, paired by seed", "",
+                "The difference at each seed both ran, then its mean and 95% t interval over those seeds.", "",
+                "| difference | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for a_name, b_name in pairs_of:
+            b_by_seed = {r["seed"]: r for r in test[b_name]}
+            pairs = [(r, b_by_seed[r["seed"]]) for r in test[a_name] if r["seed"] in b_by_seed]
+            cells = [over_seeds([None if a[c] is None or b[c] is None else a[c] - b[c] for a, b in pairs])
+                     for c in cols]
+            out.append(f"| {a_name} − {b_name} | {len(pairs)} | " + " | ".join(cells) + " |")
+    items = {name: [record_of(runs, r)["items"] for r in rs] for name, rs in test.items()}
+    cols = list(ITEM_COLUMNS)
+    out += ["", "## Test, per item: the change averaged over seeds, paired by item", "",
+            "Each item's after − before averaged over the seeds (token-weighted for the NLLs), then the mean over the "
+            "test items with a 95% paired bootstrap interval over items: it holds the sampling of the items.", "",
+            "| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    per_item = {name: {c: item_interval(its, [base], c) for c in cols} for name, its in items.items() if its}
+    for name, cells in per_item.items():
+        out.append(f"| {name} | {len(items[name])} | " + " | ".join(interval_text(cells[c]) for c in cols) + " |")
+    for title, pairs_of in pairings:
+        out += ["", f"## Test, per item: {title}", "",
+                "On the seeds both ran: each item's value averaged over them, the difference paired by item.", "",
+                "| difference | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for a_name, b_name in pairs_of:
+            seeds = sorted({r["seed"] for r in test[a_name]} & {r["seed"] for r in test[b_name]})
+            a_items = [record_of(runs, r)["items"] for r in test[a_name] if r["seed"] in seeds]
+            b_items = [record_of(runs, r)["items"] for r in test[b_name] if r["seed"] in seeds]
+            cells = [interval_text(item_interval(a_items, b_items, c) if seeds else None) for c in cols]
+            out.append(f"| {a_name} − {b_name} | {len(seeds)} | " + " | ".join(cells) + " |")
+
+    out += ["", "## Verdicts on the test split", "",
+            "A direction only where the interval over seeds and the per-item interval both exclude zero, on the same "
+            "side; otherwise no detectable change.", ""]
+    for m, rs in test.items():
+        if m in per_item:
+            f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in TEST_FORGET}
+            out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
+    return "\n".join(out) + "\n"
+
+
+CSV_COLUMNS = ["method", "setting", "seed", "split", *QUANTITIES, *LEVELS_AFTER, "wall_s", "cpu_s"]
+
+
+def report_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k))
+                    for k in CSV_COLUMNS if k != "setting"} | {"setting": label(r["params"])})
+    return buf.getvalue()
+
+
+def figures(protocol: dict, base: dict, runs: list[dict], rows: list[dict], out: Path) -> list[str]:
+    """plane.png (recall gain vs forgetting: every test run, per-method means with 95% t bars, the Pareto front
+    of the means) and benchmarks.png (accuracy before and after per method). Needs matplotlib; returns the
+    files written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study: matplotlib is not installed: figures skipped", file=sys.stderr)
+        return []
+    groups = test_groups(protocol, select(protocol, [r for r in rows if r["split"] == "dev"]))
+    drawn = {}  # a control that is a method's very setting (l2-init at ewc's λ = l2-init's) is drawn once
+    for name, m, params in groups:
+        drawn.setdefault((m, label(params)), (m, params, []))[2].append(name)
+    test = {" = ".join(names):
+            [r for r in rows if r["split"] == "test" and r["method"] == m and r["params"] == params]
+            for m, params, names in drawn.values()}
+    test = {m: rs for m, rs in test.items() if rs}
+    if not test:
+        return []
+    meta = {"Software": None}  # no version string: the same inputs give the same bytes
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    means = {}
+    for i, (m, rs) in enumerate(test.items()):
+        color = f"C{i}"
+        xs, ys = [r["recall_gain"] for r in rs], [r["forgetting"] for r in rs]
+        ax.scatter(xs, ys, s=12, alpha=0.4, color=color)
+        if len(rs) >= 2:
+            (mx, xlo, xhi), (my, ylo, yhi) = stats.mean_interval(xs), stats.mean_interval(ys)
+            ax.errorbar([mx], [my], xerr=[[mx - xlo], [xhi - mx]], yerr=[[my - ylo], [yhi - my]], fmt="o",
+                        color=color, capsize=3, label=f"{m} ({len(rs)} seeds)")
+        else:
+            mx, my = xs[0], ys[0]
+            ax.plot([mx], [my], "o", color=color, label=f"{m} (1 seed)")
+        means[m] = (mx, my)
+    front = sorted(p for p in means.values() if not any(q[0] >= p[0] and q[1] <= p[1] and q != p
+                                                        for q in means.values()))
+    if len(front) > 1:
+        ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front (means)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("domain gain: recall NLL before − after (nats/token, test)")
+    ax.set_ylabel("forgetting: general-text NLL after − before (nats/token, test)")
+    ax.set_title("Learning vs forgetting (bottom right is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plane.png", dpi=100, metadata=meta)
+    plt.close(fig)
+    written.append("plane.png")
+
+    benches = [("arc_easy", "acc"), ("lambada", "acc"), ("general_qa", "accuracy")]
+    fig, axes = plt.subplots(1, len(benches), figsize=(4 * len(benches), 3.6))
+    for ax, (task, metric) in zip(axes, benches):
+        before = split_metrics(base, "test").get(task, {}).get(metric)
+        names, vals, errs = ["base"], [before or 0], [[0], [0]]
+        for m, rs in test.items():
+            xs = [split_metrics(record_of(runs, r)["items"], "test").get(task, {}).get(metric) for r in rs]
+            xs = [x for x in xs if x is not None]
+            if not xs:
+                continue
+            mean, lo, hi = stats.mean_interval(xs) if len(xs) >= 2 else (xs[0], xs[0], xs[0])
+            names.append(m)
+            vals.append(mean)
+            errs[0].append(mean - lo)
+            errs[1].append(hi - mean)
+        ax.bar(range(len(names)), vals, yerr=errs, capsize=3, color=["grey"] + [f"C{i}" for i in range(len(names) - 1)])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{task} {metric} (test)")
+    fig.tight_layout()
+    fig.savefig(out / "benchmarks.png", dpi=100, metadata=meta)
+    plt.close(fig)
+    written.append("benchmarks.png")
+    return written
+
+
+def write_report(results: Path) -> list[str]:
+    """study.md, study.csv and the figures in `results`, from its protocol.json, base.json and runs/ alone."""
+    results = Path(results)
+    protocol, base, runs = read_results_dir(results)
+    rows = rows_of(protocol, base, runs)  # every run's metrics per split: bootstraps, so computed once
+    (results / "study.md").write_text(report_md(protocol, base, runs, rows))
+    (results / "study.csv").write_text(report_csv(rows))
+    return ["study.md", "study.csv", *figures(protocol, base, runs, rows, results)]
