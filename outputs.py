@@ -9,6 +9,7 @@
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,62 @@ def read_before(cfg, want: dict) -> dict | None:
             raise ForgetlabError(f"--before {file}: {what}")
         return None
     print(f"[before] evaluation ({cfg.eval}, {cfg.eval_split} split) read back from {file}", file=sys.stderr)
-    return saved
+    return {**saved, "read_from": str(file)}
+
+
+def evaluation_cache_file(cfg, record: dict) -> Path | None:
+    """Where the base model's evaluation `record` ({eval, eval_split, weights_sha256}) is cached, or None with
+    --eval-cache none. The key is everything the scores are a function of: the weights, the level and split, the
+    bytes of every task file the level reads, the evaluation and model code, and the torch version and device."""
+    if cfg.eval_cache == "none":
+        return None
+    import eval as ev
+    import torch
+
+    key = {k: record[k] for k in ("eval", "eval_split", "weights_sha256")}
+    h = hashlib.sha256(json.dumps([key, torch.__version__, cfg.device.split(":")[0]]).encode())
+    repo = Path(__file__).resolve().parent
+    sources = [repo / "eval.py", repo / "stats.py", *sorted((repo / "tasks").glob("*.py")),
+               *sorted((repo / "model").glob("*.py"))]
+    for f in sources + [ev.TASKS[t].data for t in ev.LEVELS[cfg.eval]]:
+        h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"absent"))
+    root = Path(cfg.eval_cache).expanduser() if cfg.eval_cache != "auto" else default_evaluation_cache()
+    return root / f"{h.hexdigest()[:32]}.json"
+
+
+def default_evaluation_cache() -> Path:
+    """$FORGETLAB_EVAL_CACHE, else ~/.cache/forgetlab/evaluations."""
+    root = os.environ.get("FORGETLAB_EVAL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "forgetlab" / "evaluations"
+
+
+def read_cached_before(cfg, record: dict) -> dict | None:
+    """The cached evaluation of these base weights (evaluation_cache_file), marked with where it came from; None
+    when there is none or it cannot be read (a cache is derived data: it is evaluated again)."""
+    file = evaluation_cache_file(cfg, record)
+    if file is None or not file.is_file():
+        return None
+    try:
+        saved = read_json_object(file, "cached evaluation")
+    except ForgetlabError as e:
+        print(f"warning: ignoring the unreadable cached evaluation ({e})", file=sys.stderr)
+        return None
+    if any(saved.get(k) != v for k, v in record.items()) or not isinstance(saved.get("results"), dict):
+        return None
+    print(f"[before] evaluation ({cfg.eval}, {cfg.eval_split} split) read back from the cache {file}", file=sys.stderr)
+    return {**saved, "read_from": str(file)}
+
+
+def cache_before(cfg, before: dict):
+    """Keep a fresh evaluation of the base model for the next run on it (atomic: a reader sees all or nothing)."""
+    file = evaluation_cache_file(cfg, before)
+    if file is None:
+        return
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic_text(file, json.dumps(before))
+    except OSError as e:  # a full or read-only cache costs the next run an evaluation, not this run its result
+        print(f"warning: the evaluation was not cached in {file} ({e.strerror or e})", file=sys.stderr)
 
 
 def save_outputs(model, tok, cfg, out: Path):
@@ -102,9 +158,11 @@ def write_results(out: Path, method, before, after, summary: dict, variants: dic
     return results
 
 
-def run_summary(method, counts: tuple, data, run, seconds: dict, tokens_now: int,
-                t_start: float) -> dict:
-    return dict(method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
+def run_summary(method, counts: tuple, data, run, seconds: dict, tokens_now: int, t_start: float,
+                before: dict | None) -> dict:
+    """results.json's "training": what the run did and what each phase took; before_read_from names the file the
+    base model's evaluation was read back from (--before, --resume, the evaluation cache), None if evaluated."""
+    return dict(before_read_from=(before or {}).get("read_from"), method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
                 examples=len(data.train_set), replay_examples=len(data.train_set) - data.n_domain,
                 truncated=data.truncated, truncated_general=data.truncated_general, tokens=run.tokens,
                 train_seconds=seconds["train"], tokens_per_second=tokens_now / max(seconds["train"], 1e-9),

@@ -48,7 +48,8 @@ from methods import Method
 from methods.lora import check_lora_targets
 from model import load_pretrained
 from model.checkpoint import weights_sha256
-from outputs import read_before, run_directory, run_summary, save_outputs, write_config, write_results
+from outputs import (cache_before, read_before, read_cached_before, run_directory, run_summary, save_outputs,
+                     write_config, write_results)
 from train_config import output_dir, parse_config, resolve_device, run_context
 from train_state import (Progress, count_nonfinite, find_resumable, nonfinite_cause, resume, skip_or_stop,
                          write_checkpoint)
@@ -90,9 +91,8 @@ def main(argv=None):
         after, variants = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
         if not distributed.is_main():
             return None
-        summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start)
-        before = before["results"] if before else None
-        return write_results(out, method, before, after, summary, variants if before is not None else None)
+        summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start, before)
+        return write_results(out, method, before and before["results"], after, summary, variants if before else None)
 
 
 def start(cfg, method) -> tuple[str, str | None, Path]:
@@ -152,13 +152,15 @@ def load_inputs(cfg, method, device) -> tuple:
 
 def evaluate_before(model, tok, cfg) -> dict | None:
     """The base model's evaluation as the record before.json holds ({eval, eval_split, weights_sha256, results}):
-    read back (--before, --resume), else evaluated by rank 0 while the others wait; None with --eval none."""
+    read back (--before, --resume, or the evaluation cache: outputs.evaluation_cache_file), else evaluated by
+    rank 0 while the others wait, and cached; None with --eval none."""
     if cfg.eval == "none":
         return None
     record = dict(eval=cfg.eval, eval_split=cfg.eval_split, weights_sha256=weights_sha256(model))
-    before = read_before(cfg, record)
+    before = read_before(cfg, record) or read_cached_before(cfg, record)
     if before is None and distributed.is_main():
         before = dict(record, results=run_eval(model, tok, cfg, "before"))
+        cache_before(cfg, before)
     return distributed.broadcast_object(before)
 
 

@@ -61,6 +61,10 @@ class TrainConfig:
                           choices=("dev", "test", "all"))
     before: str | None = arg(None, "reuse this before.json (another run's, on the same base model, --eval and "
                                    "--eval-split) instead of evaluating the base model again")
+    eval_cache: str = arg("auto", "directory of cached base-model evaluations, keyed by the weights, level, split, "
+                                  "task data and code, so that a second run on the same base model skips its "
+                                  "\"before\" evaluation: auto = $FORGETLAB_EVAL_CACHE or ~/.cache/forgetlab/"
+                                  "evaluations; none = always evaluate")
     eval_batch_size: int = arg(64, "prompts per generation batch and contexts per log-likelihood batch in "
                                     "evaluation (the results do not depend on it)")
     device: str = arg("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
@@ -81,8 +85,8 @@ class TrainConfig:
 
 
 # Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
-RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_split", "before", "eval_batch_size",
-                     "save_every", "skip_nonfinite", "device", "compile", "backend")
+RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_split", "before", "eval_cache",
+                     "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend")
 
 
 def describe_methods() -> str:

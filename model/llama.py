@@ -191,6 +191,12 @@ class Llama(nn.Module):
             c.k = c.k.repeat_interleave(counts, dim=0)  # (sum(counts), n_kv_heads, max_len, head_dim)
             c.v = c.v.repeat_interleave(counts, dim=0)
 
+    def select_kv_cache(self, rows: torch.Tensor):
+        """Keep cache rows `rows`, in that order (generation drops the sequences that have stopped)."""
+        for layer in self.model.layers:
+            c = layer.self_attn.kv_cache
+            c.k, c.v = c.k[rows], c.v[rows]
+
     def clear_kv_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None

@@ -4,7 +4,7 @@ transformers + PEFT on the same machine in the same run.
     python scripts/bench.py --all                     # everything below, default model, CPU, float32
     python scripts/bench.py --quick                   # everything, on a tiny random model, 2 steps each (a test)
     python scripts/bench.py --all --json out.json     # also write the figures as JSON
-    python scripts/bench.py --train --generate        # sections: --train --generate --fisher --ewc-step
+    python scripts/bench.py --train --generate        # sections: --train --generate --fisher --ewc-step --eval
     python scripts/bench.py --mode lora --batch 4 --seq 256 --steps 5     # one workload; last line tokens_per_s=
     python scripts/bench.py --all --device cuda --dtype bfloat16 --shape llama-3.2-1b --seq 2048 --batch 4
 
@@ -24,6 +24,12 @@ Sections:
                 `generate` (its default dynamic cache); tokens/s = new tokens / wall time including prefill.
   Fisher        the empirical Fisher vs a plain forward+backward over the same tokens (target: at most 2.5x),
                 and vs the batch-size-1 reference loop (target: at least 4x faster).
+  evaluation    eval.py's `full` level (--quick: a tiny random model over the default vocabulary, 4 items a
+                task): seconds per task, and tokens/s and MFU of its forward passes. Tokens = positions run
+                through the decoder layers (prefill, continuations and decoding steps, padding included:
+                it is computed); FLOPs = 2·(N − vocab·hidden) per such token + 2·vocab·hidden per row that
+                goes through lm_head (only scored positions and the next-token rows do); wall time includes
+                everything (tokenizing, answer checks). Attention's T² products are left out.
   EWC step      a plain AdamW step vs EWC steps (penalty through autograd or added to .grad, float32 or
                 bfloat16 state), in one process. (These two: scripts/bench_fisher.py.)
 
@@ -386,6 +392,8 @@ def parse_args(argv):
     parser.add_argument("--generate", action="store_true", help="generation tokens/s vs HF generate")
     parser.add_argument("--fisher", action="store_true", help="empirical Fisher cost (vs a plain step, the loop)")
     parser.add_argument("--ewc-step", action="store_true", help="EWC step variants vs a plain step, in process")
+    parser.add_argument("--eval", action="store_true",
+                        help="eval.py's full level: seconds per task, forward tokens/s and MFU")
     parser.add_argument("--quick", action="store_true",
                         help="tiny random model, batch 2 x 32, 2 steps, 1 round (alone: every section)")
     parser.add_argument("--mode", choices=("full", "lora", "ewc"), help="run one training workload, print tokens_per_s=")
@@ -416,12 +424,12 @@ def parse_args(argv):
     for name, (default, quick) in SIZES.items():  # flags given explicitly win over --quick's sizes
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
-    sections = ("train", "generate", "fisher", "ewc_step")
+    sections = ("train", "generate", "fisher", "ewc_step", "eval")
     if args.all or (args.quick and not args.mode and not any(getattr(args, s) for s in sections)):
         for s in sections:
             setattr(args, s, True)
     if not args.mode and not any(getattr(args, s) for s in sections):
-        parser.error("choose --all, --quick, a section (--train --generate --fisher --ewc-step) or --mode")
+        parser.error("choose --all, --quick, a section (--train --generate --fisher --ewc-step --eval) or --mode")
     if not args.shape and not args.model:
         from model.convert_gguf import prepare_default_model
         args.model = str(prepare_default_model())
@@ -466,6 +474,8 @@ def main(argv=None):
             print(f"EWC step (one batch of the Fisher data, AdamW {args.adamw}):")
             results["ewc_step"] = bench_fisher.bench_ewc_step(model, batches[0], args.repeats, device=args.device,
                                                               adamw_choice=args.adamw)
+    if args.eval:
+        results["eval"] = sibling("bench_eval").bench_eval(args, cfg, peak)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")

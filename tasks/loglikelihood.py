@@ -39,17 +39,45 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
-def _plan_batches(groups: list, batch_size: int, max_tokens: int) -> list[list]:
+def _head_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 128):
+    """(log p(target), target is the argmax) per row of hidden (K, H) -> (K,), (K,): lm_head and
+    _token_logprobs a chunk of rows at a time. Speed: the log-sum-exp is taken in place in the logits' buffer
+    (torch.logsumexp writes a second (chunk, V) temporary, and fresh memory is slow on CPU); chunks of 128
+    rows keep the buffer (25 MB at a 49k vocabulary) under glibc's mmap threshold, so it is reused, not
+    page-faulted in anew."""
+    lps, hits = [], []
+    for i in range(0, len(targets), chunk):
+        logits = lm_head(hidden[i:i + chunk]).float()  # (k, V)
+        y = targets[i:i + chunk]
+        picked = logits.gather(-1, y[:, None])[:, 0]
+        hits.append(logits.argmax(-1) == y)
+        top = logits.amax(dim=-1)
+        lse = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()
+        lps.append(picked - lse)
+    return torch.cat(lps), torch.cat(hits)
+
+
+def _plan_batches(groups: list, batch_size: int, max_tokens: int, max_waste: float = 0.25,
+                  min_tokens: int = 512) -> list[list]:
     """Cut length-sorted groups into batches of at most batch_size contexts whose memory stays bounded:
     rows x (longest continuation) <= max_tokens logit positions (V floats each), and rows x (context +
-    continuation) <= 8 * max_tokens KV-cache slots (each row holds its own copy of its context)."""
+    continuation) <= 8 * max_tokens KV-cache slots (each row holds its own copy of its context).
+
+    Speed: a batch is also cut when its padding would cost more than max_waste of its real tokens (contexts
+    are left-padded to the longest, continuations right-padded to the longest: ARC's choices vary a lot in
+    length, and padded positions cost as much as real ones). Batches of min_tokens tokens or fewer are
+    never cut for padding: their matrix products are small enough that the per-pass overhead dominates."""
     batches, cur = [], []
     for g in groups:
         trial = cur + [g]
         rows = sum(len(x[1]) for x in trial)
         width = max(len(c) for x in trial for c in x[1])
-        slots = rows * (max(len(x[0]) for x in trial) + width)
-        if cur and (len(trial) > batch_size or rows * width > max_tokens or slots > 8 * max_tokens):
+        longest = max(len(x[0]) for x in trial)
+        slots = rows * (longest + width)
+        real = sum(len(x[0]) + sum(len(c) - 1 for c in x[1]) for x in trial)
+        computed = len(trial) * longest + rows * (width - 1)
+        wasteful = computed > min_tokens and computed > (1 + max_waste) * real
+        if cur and (len(trial) > batch_size or rows * width > max_tokens or slots > 8 * max_tokens or wasteful):
             batches.append(cur)
             trial = [g]
         cur = trial
@@ -108,9 +136,16 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
                         cont_mask[r, :len(c) - 1] = 1
                     inp, tgt, cont_mask = inp.to(device), tgt.to(device), cont_mask.to(device)
                     mask = torch.cat([ctx_mask.repeat_interleave(counts, dim=0), cont_mask], dim=1)  # (N, L+M-1)
-                    logits = model(inp, attention_mask=mask, cache_start=L)  # (N, M-1, V)
-                    lp = torch.cat([lp, _token_logprobs(logits, tgt) * cont_mask], dim=1)
-                    hit = torch.cat([hit, (logits.argmax(-1) == tgt) | (cont_mask == 0)], dim=1)
+                    # Speed: lm_head only at the real (unpadded) continuation positions, a chunk of them at a
+                    # time, instead of model(...)'s (N, M-1, V) logits over the padding too; the values are
+                    # the same as _token_logprobs(model(...), tgt) * cont_mask (the padding scores 0, a hit).
+                    hidden = model.hidden(inp, attention_mask=mask, cache_start=L)  # (N, M-1, hidden)
+                    where = cont_mask.bool()
+                    lp_rest = torch.zeros((N, M - 1), device=device)
+                    hit_rest = torch.ones((N, M - 1), dtype=torch.bool, device=device)
+                    lp_rest[where], hit_rest[where] = _head_logprobs(model.lm_head, hidden[where], tgt[where])
+                    lp = torch.cat([lp, lp_rest], dim=1)
+                    hit = torch.cat([hit, hit_rest], dim=1)
             finally:
                 model.clear_kv_cache()
             totals, all_hit = lp.sum(dim=1).tolist(), hit.all(dim=1).tolist()

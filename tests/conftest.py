@@ -33,3 +33,10 @@ def tiny_data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("data")
     return write_jsonl(d / "domain.jsonl", DOMAIN), write_jsonl(d / "general.jsonl", GENERAL)
+
+
+@pytest.fixture(autouse=True)
+def own_evaluation_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty base-model evaluation cache (train.py --eval-cache auto), its subprocesses
+    too: a test that evaluates must not read another test's evaluation back."""
+    monkeypatch.setenv("FORGETLAB_EVAL_CACHE", str(tmp_path_factory.mktemp("evaluations")))

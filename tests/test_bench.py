@@ -71,13 +71,18 @@ def test_quick_run_prints_every_figure(quick):
                     r"HF generate +\d+\.\d tokens/s",
                     r"ratio ours/HF tokens/s +\d+\.\d+ +\(greedy tokens identical: 100\.0%\)",
                     r"ratio Fisher / plain fwd\+bwd +\d+\.\d+",
-                    r"ratio EWC step, penalty\(\) / plain +\d+\.\d+"]:
+                    r"ratio EWC step, penalty\(\) / plain +\d+\.\d+",
+                    r"evaluation: level full, 4 items a task",
+                    *(rf"\n  {task:16s} +\d+\.\d\d s\n" for task in ("general_qa", "instructions", "ppl", "arc_easy")),
+                    r"total \d+\.\d s: \d+ forward tokens, \d+ lm_head rows, \d+\.\d tokens/s, "
+                    r"\d+\.\d GFLOP/s, MFU \d+\.\d%"]:
         assert re.search(pattern, text), f"{pattern!r} not in:\n{text}"
 
 
 def test_quick_json_holds_every_figure(quick):
     _, results = quick
-    assert set(results) == {"machine", "config", "matmul_peak_gflops", "train", "generate", "fisher", "ewc_step"}
+    assert set(results) == {"machine", "config", "matmul_peak_gflops", "train", "generate", "fisher", "ewc_step",
+                            "eval"}
     assert results["config"]["adamw"] == "fused" and results["machine"]["torch_threads"] == 1
     train = results["train"]
     figures = [results["matmul_peak_gflops"], train["full"]["ratio"], train["lora"]["ratio"],
@@ -90,6 +95,9 @@ def test_quick_json_holds_every_figure(quick):
     assert all(math.isfinite(x) and x > 0 for x in figures), figures
     assert "hf" not in train["ewc"]
     assert results["generate"]["greedy_agreement"] == 1.0  # the same tokens: both sides did the same work
+    ev = results["eval"]
+    assert ev["limit"] == 4 and ev["tokens"] > 0 and ev["head_rows"] > 0 and 0 < ev["mfu"] < 1.0
+    assert all(sec is not None and sec >= 0 for sec in ev["tasks"].values())
 
 
 def test_single_workload_ends_with_tokens_per_s():
@@ -103,3 +111,20 @@ def test_hf_has_no_ewc_workload():
                         "--quick"], capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --impl hf has no EWC workload")
+
+
+def test_the_gpu_check_runs_every_check_on_cpu_and_writes_one_json(tmp_path):
+    """scripts/gpu_check.py is run when a GPU is lent, in minutes: its CPU-runnable parts are checked here, on
+    tiny shapes, so that the GPU's minutes are not spent on a bug."""
+    from scripts import gpu_check
+
+    out = tmp_path / "check.json"
+    gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert not [name for name in gpu_check.CHECKS if "error" in result[name]], result
+    assert result["parity"]["logits_max_rel"] < 0.05 and result["parity"]["update_rel"] < 0.5
+    assert result["lora_peft"]["adapter_effect"] > 0
+    assert result["lora_peft"]["logits_max_abs_diff"] <= 1e-5 * result["lora_peft"]["logits_scale"]
+    assert 0 < result["mfu"]["mfu"] < 1 and result["ewc_step"]["ratio"] > 0
+    assert result["train_ewc"]["returncode"] == 0 and len(result["train_ewc"]["losses"]) == 2
+    assert "skipped" in result["peak_memory"]  # CUDA only

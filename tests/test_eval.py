@@ -75,6 +75,27 @@ def test_score_continuations_equals_logprobs_and_greedy_from_full_logits_whateve
     assert model.model.layers[0].self_attn.kv_cache is None  # the cache is released
 
 
+def test_greedy_generation_dropping_stopped_rows_gives_each_prompt_its_own_continuation(monkeypatch):
+    """generate_ids drops rows that have stopped from the batch and the KV cache (a speed path): every row
+    must still be the continuation it has alone, cut at its first stop token."""
+    from model import generate_ids
+
+    model = tiny_llama(std=0.5)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 101) for _ in range(rng.randint(1, 9))] for _ in range(16)]
+    free = generate_ids(model, prompts, 12, stop_ids=[], pad_id=0)
+    stops = sorted({row[k] for row, k in zip(free[:6], (1, 3, 5, 7, 9, 11))})  # rows stop at different steps
+    dropped = []
+    original = type(model).select_kv_cache
+    monkeypatch.setattr(type(model), "select_kv_cache", lambda m, rows: (dropped.append(len(rows)), original(m, rows)))
+    out = generate_ids(model, prompts, 12, stop_ids=stops, pad_id=0)
+    assert dropped, "no row was dropped: the test does not exercise the path"
+    for p, row, got in zip(prompts, free, out):
+        cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+        assert got == row[:cut] == generate_ids(model, [p], 12, stop_ids=stops, pad_id=0)[0]
+    assert model.model.layers[0].self_attn.kv_cache is None
+
+
 @pytest.mark.real_model
 def test_choice_starting_with_a_space_keeps_its_space_token(tok):
     ctx, cont = split_request(tok, "Question: What is the capital of France?\nAnswer:", " Paris")

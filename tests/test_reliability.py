@@ -711,3 +711,19 @@ def test_a_write_failing_with_enospc_is_one_line_and_leaves_nothing(tiny_dir, ti
     err = capsys.readouterr().err
     assert e.value.code == 2 and "run: no space left on the device (about" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_second_run_on_the_same_base_model_reads_its_evaluation_from_the_cache(tiny_dir, tiny_data, tmp_path,
+                                                                              capsys):  # noqa: F811
+    flags = ["--max-steps", "1", "--eval", "quick", "--eval-split", "dev"]
+    first = train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "a", *flags))
+    assert first["training"]["before_read_from"] is None and "[before] evaluating" in capsys.readouterr().err
+    second = train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "b", *flags, "--lr", "1e-3"))
+    err = capsys.readouterr().err
+    assert "read back from the cache" in err and "[before] evaluating" not in err, err
+    assert second["training"]["before_read_from"].endswith(".json")
+    assert second["before"] == first["before"]
+    train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "c", *flags, "--eval-cache", "none"))
+    assert "[before] evaluating" in capsys.readouterr().err  # the cache disabled
+    third = train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "d", *flags, "--eval-split", "test"))
+    assert third["training"]["before_read_from"] is None  # another split: another key
