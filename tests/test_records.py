@@ -8,11 +8,12 @@ import pytest
 
 import outputs
 
-RUNS = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "results" / "main-job").glob("*/results.json"))
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+RUNS = sorted(p.parent for folder in ("main-job", "fast-loop") for p in (RESULTS / folder).glob("*/results.json"))
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[p.name for p in RUNS])
-def test_a_committed_main_job_report_is_rebuilt_from_its_results_byte_for_byte(run, tmp_path, capsys):
+@pytest.mark.parametrize("run", RUNS, ids=[f"{p.parent.name}/{p.name}" for p in RUNS])
+def test_a_committed_run_report_is_rebuilt_from_its_results_byte_for_byte(run, tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     variants = {label: v["after"] for label, v in results.get("after_variants", {}).items()} or None
     method = types.SimpleNamespace(name=results["training"]["method"])
@@ -20,5 +21,5 @@ def test_a_committed_main_job_report_is_rebuilt_from_its_results_byte_for_byte(r
     assert (tmp_path / "report.md").read_text() == (run / "report.md").read_text()
 
 
-def test_there_are_main_job_records_to_check():
-    assert len(RUNS) >= 3
+def test_there_are_run_records_to_check():
+    assert len(RUNS) >= 5
