@@ -88,6 +88,34 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ForgetlabError(f"{message} (see {self.prog} --help)")
 
 
+REPO = Path(__file__).resolve().parent
+
+
+def recorded_path(value):
+    """How a record (config.json, results.json) names a file: relative to the repository when it lies inside it
+    or in the shared data beside it (../shared), so that a committed record means the same on every checkout;
+    anything else as it is."""
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(value).resolve()
+        for root, prefix in ((REPO, ""), (REPO.parent / "shared", "../shared/")):
+            if path.is_relative_to(root):
+                return prefix + path.relative_to(root).as_posix()
+    return value
+
+
+def nearest_existing(path) -> Path:
+    """`path` itself if it exists, else its nearest ancestor that does: where a file or directory would be made."""
+    path = Path(path).absolute()
+    return next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+
+
+def can_create(path) -> tuple[bool, Path]:
+    """(whether `path` can be made, the existing directory it would be made in): that one must be a writable
+    directory. Checked before anything slow, so that the results of a long run have somewhere to go."""
+    parent = nearest_existing(path)
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), parent
+
+
 def no_space_error(path, e: OSError, needed_bytes: int | None = None) -> ForgetlabError | None:
     """The one-line error for a write that found the disk full (ENOSPC, EDQUOT, or safetensors' wording of
     them), naming the path, the space it needed when known and the space free; None for any other error."""
@@ -96,9 +124,7 @@ def no_space_error(path, e: OSError, needed_bytes: int | None = None) -> Forgetl
         or "Disk quota exceeded" in text
     if not full:
         return None
-    where = Path(path)
-    existing = next((p for p in (where, *where.absolute().parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(path)).free
     need = f"about {mib(needed_bytes)} needed, " if needed_bytes else ""
     return ForgetlabError(f"{path}: no space left on the device ({need}{mib(free)} free)")
 

@@ -49,13 +49,13 @@ Every task keeps per-item records (prompt, response or log-probabilities, verdic
 can be audited and paired.
 """
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import stats
-from errors import ArgumentParser, ForgetlabError, no_space_error, read_json_object, run_cli
+from errors import (ArgumentParser, ForgetlabError, can_create, no_space_error, read_json_object, recorded_path,
+                    run_cli)
 from tasks.benchmarks import score_benchmark, score_mmlu
 from tasks.common import Metric, Options, Task
 from tasks.domain import score_domain
@@ -175,8 +175,8 @@ def evaluate(model, tok, tasks=None, level: str = "full", limit: int | dict | No
         items, extra = task.score(model, tok, rows, opts)
         for row, item in zip(rows, items, strict=True):
             item["split"] = row_split(row)  # so that a split="all" evaluation can be summarized per split
-        res = dict(**summarize(task, items), n=len(items), **extra, data=str(path), split=split, limit=n_limit,
-                   items=items, seconds=round(time.perf_counter() - t0, 2))
+        res = dict(**summarize(task, items), n=len(items), **extra, data=recorded_path(str(path)), split=split,
+                   limit=n_limit, items=items, seconds=round(time.perf_counter() - t0, 2))
         results[name] = res
         if progress:
             print(f"eval: {name}: {summary_line(name, res)} ({res['seconds']:.1f}s)", file=sys.stderr)
@@ -340,8 +340,8 @@ def check_writable_file(path):
     path = Path(path)
     if path.is_dir():
         raise ForgetlabError(f"--out {path}: is a directory; give a file name")
-    parent = next(p for p in path.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    ok, parent = can_create(path.parent)
+    if not ok:
         raise ForgetlabError(f"--out {path}: cannot be written ({parent} is not a writable directory)")
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import distributed
-from errors import ForgetlabError, no_space_error, read_json_object
+from errors import REPO, ForgetlabError, no_space_error, read_json_object, recorded_path
 from eval import compare_forgetting, format_report
 from lora import lora_state_dict, save_adapter
 from model import save_pretrained
@@ -29,7 +29,8 @@ BEFORE_JSON = "before.json"
 
 def write_config(cfg, method, device: str, backend, data, out: Path, before) -> dict:
     """config.json (every resolved flag and option, and how the run was made) and before.json, from rank 0."""
-    config = {**dataclasses.asdict(cfg), **method.option_values(), "device": device,
+    config = {**{k: recorded_path(v) for k, v in dataclasses.asdict(cfg).items()}, **method.option_values(),
+              "device": device,
               "total_steps": data.total_steps, "warmup_steps": data.warmup_steps,
               "world_size": distributed.world_size(), "backend": backend}
     if distributed.is_main():
@@ -72,9 +73,8 @@ def evaluation_cache_file(cfg, record: dict) -> Path | None:
 
     key = {k: record[k] for k in ("eval", "eval_split", "weights_sha256")}
     h = hashlib.sha256(json.dumps([key, torch.__version__, cfg.device.split(":")[0]]).encode())
-    repo = Path(__file__).resolve().parent
-    sources = [repo / "eval.py", repo / "stats.py", *sorted((repo / "tasks").glob("*.py")),
-               *sorted((repo / "model").glob("*.py"))]
+    sources = [REPO / "eval.py", REPO / "stats.py", *sorted((REPO / "tasks").glob("*.py")),
+               *sorted((REPO / "model").glob("*.py"))]
     for f in sources + [ev.TASKS[t].data for t in ev.LEVELS[cfg.eval]]:
         h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"absent"))
     root = Path(cfg.eval_cache).expanduser() if cfg.eval_cache != "auto" else default_evaluation_cache()
@@ -87,33 +87,29 @@ def default_evaluation_cache() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "forgetlab" / "evaluations"
 
 
-def read_cached_before(cfg, record: dict) -> dict | None:
-    """The cached evaluation of these base weights (evaluation_cache_file), marked with where it came from; None
-    when there is none or it cannot be read (a cache is derived data: it is evaluated again)."""
+def cached_evaluation(cfg, record: dict, evaluate) -> dict:
+    """The base model's evaluation record: read back from the cache (evaluation_cache_file) and marked with
+    where it came from, else `evaluate()`d and cached for the next run on these weights. A cache entry that
+    cannot be read is evaluated again, and a cache that cannot be written costs the next run an evaluation,
+    not this run its result: a cache is derived data."""
     file = evaluation_cache_file(cfg, record)
-    if file is None or not file.is_file():
-        return None
-    try:
-        saved = read_json_object(file, "cached evaluation")
-    except ForgetlabError as e:
-        print(f"warning: ignoring the unreadable cached evaluation ({e})", file=sys.stderr)
-        return None
-    if any(saved.get(k) != v for k, v in record.items()) or not isinstance(saved.get("results"), dict):
-        return None
-    print(f"[before] evaluation ({cfg.eval}, {cfg.eval_split} split) read back from the cache {file}", file=sys.stderr)
-    return {**saved, "read_from": str(file)}
-
-
-def cache_before(cfg, before: dict):
-    """Keep a fresh evaluation of the base model for the next run on it (atomic: a reader sees all or nothing)."""
-    file = evaluation_cache_file(cfg, before)
-    if file is None:
-        return
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic_text(file, json.dumps(before))
-    except OSError as e:  # a full or read-only cache costs the next run an evaluation, not this run its result
-        print(f"warning: the evaluation was not cached in {file} ({e.strerror or e})", file=sys.stderr)
+    if file is not None and file.is_file():
+        try:
+            saved = read_json_object(file, "cached evaluation")
+            if all(saved.get(k) == v for k, v in record.items()) and isinstance(saved.get("results"), dict):
+                print(f"[before] evaluation ({cfg.eval}, {cfg.eval_split} split) read back from the cache {file}",
+                      file=sys.stderr)
+                return {**saved, "read_from": str(file)}
+        except ForgetlabError as e:
+            print(f"warning: ignoring the unreadable cached evaluation ({e})", file=sys.stderr)
+    before = dict(record, results=evaluate())
+    if file is not None:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic_text(file, json.dumps(before))  # atomic: a reader sees all of it or nothing
+        except OSError as e:
+            print(f"warning: the evaluation was not cached in {file} ({e.strerror or e})", file=sys.stderr)
+    return before
 
 
 def save_outputs(model, tok, cfg, out: Path):
@@ -162,7 +158,8 @@ def run_summary(method, counts: tuple, data, run, seconds: dict, tokens_now: int
                 before: dict | None) -> dict:
     """results.json's "training": what the run did and what each phase took; before_read_from names the file the
     base model's evaluation was read back from (--before, --resume, the evaluation cache), None if evaluated."""
-    return dict(before_read_from=(before or {}).get("read_from"), method=method.name, steps=data.total_steps, epochs=data.total_steps / data.steps_per_epoch,
+    return dict(before_read_from=recorded_path((before or {}).get("read_from")), method=method.name, steps=data.total_steps,
+                epochs=data.total_steps / data.steps_per_epoch,
                 examples=len(data.train_set), replay_examples=len(data.train_set) - data.n_domain,
                 truncated=data.truncated, truncated_general=data.truncated_general, tokens=run.tokens,
                 train_seconds=seconds["train"], tokens_per_second=tokens_now / max(seconds["train"], 1e-9),

@@ -48,8 +48,8 @@ from methods import Method
 from methods.lora import check_lora_targets
 from model import load_pretrained
 from model.checkpoint import weights_sha256
-from outputs import (cache_before, read_before, read_cached_before, run_directory, run_summary, save_outputs,
-                     write_config, write_results)
+from outputs import (cached_evaluation, read_before, run_directory, run_summary, save_outputs, write_config,
+                     write_results)
 from train_config import output_dir, parse_config, resolve_device, run_context
 from train_state import (Progress, count_nonfinite, find_resumable, nonfinite_cause, resume, skip_or_stop,
                          write_checkpoint)
@@ -157,10 +157,9 @@ def evaluate_before(model, tok, cfg) -> dict | None:
     if cfg.eval == "none":
         return None
     record = dict(eval=cfg.eval, eval_split=cfg.eval_split, weights_sha256=weights_sha256(model))
-    before = read_before(cfg, record) or read_cached_before(cfg, record)
+    before = read_before(cfg, record)
     if before is None and distributed.is_main():
-        before = dict(record, results=run_eval(model, tok, cfg, "before"))
-        cache_before(cfg, before)
+        before = cached_evaluation(cfg, record, lambda: run_eval(model, tok, cfg, "before"))
     return distributed.broadcast_object(before)
 
 

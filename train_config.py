@@ -6,7 +6,6 @@ Every value is checked here, before anything is loaded: a mistake costs a second
 """
 import argparse
 import dataclasses
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from errors import ArgumentParser, ForgetlabError, finite_float, read_json_object
+from errors import (ArgumentParser, ForgetlabError, can_create, finite_float, read_json_object,
+                    recorded_path)
 import distributed
 from methods import REGISTRY, RunContext, get_method_class, load_method_file, make_options, option_keys
 
@@ -194,8 +194,9 @@ def check_resumable(cfg: TrainConfig, keys: dict, values: dict) -> dict:
     if not config_file.is_file():
         raise ForgetlabError(f"{config_file}: not found: --resume continues a run that train.py started in --out")
     saved = read_json_object(config_file, "run config")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != getattr(cfg, f.name):
+    for f in dataclasses.fields(TrainConfig):  # config.json names files inside the repository relative to it
+        now = recorded_path(getattr(cfg, f.name))
+        if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != now:
             raise ForgetlabError(f"--resume: --{f.name.replace('_', '-')} is {getattr(cfg, f.name)!r} but the run in "
                                  f"{cfg.out} used {saved[f.name]!r}")
     for key, (_, f, _) in keys.items():
@@ -224,8 +225,8 @@ def output_dir(cfg, method) -> Path:
     """--out, or runs/<method>-<timestamp>. Checked now, created only after the "before" evaluation and the
     method's setup: a run that fails or is interrupted before then leaves nothing behind."""
     out = Path(cfg.out or f"runs/{method.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    ok, parent = can_create(out)
+    if not ok:
         raise ForgetlabError(f"{out}: cannot create the output directory ({parent} is not a writable directory)")
     return out
 

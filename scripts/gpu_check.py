@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from errors import ArgumentParser, run_cli
+from errors import ArgumentParser, ForgetlabError, can_create, run_cli
 from ewc import EWC
 from lora import apply_lora
 from model import LlamaConfig
+from model.checkpoint import write_atomic_text
 from model.tiny import random_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +130,7 @@ def check_lora_peft(args) -> dict:
     bench = sibling("bench")
     torch.manual_seed(0)
     ours = random_llama({**TINY, "vocab_size": 1000}, device=args.device)
-    hf = bench_hf_twin(ours, args.device)
+    hf = hf_twin(ours, args.device)
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(bench.LORA["targets"]), lora_dropout=0.0)
     hf = peft.get_peft_model(hf, config)
     apply_lora(ours, r=8, alpha=16, dropout=0.0, targets=bench.LORA["targets"])
@@ -147,7 +148,7 @@ def check_lora_peft(args) -> dict:
                 adapter_effect=float((a - base).abs().max()))  # > 0: the comparison is not of two base models
 
 
-def bench_hf_twin(ours, device: str):
+def hf_twin(ours, device: str):
     """transformers.LlamaForCausalLM with our model's config and weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -210,6 +211,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the JSON file to write")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.only.split(",")] if args.only else list(CHECKS)
+    if unknown := [n for n in names if n not in CHECKS]:
+        raise ForgetlabError(f"--only: unknown check {unknown[0]!r}; the checks are {', '.join(CHECKS)}")
+    out = Path(args.out)
+    if out.is_dir() or not can_create(out.parent)[0]:  # before minutes of GPU time, not after
+        raise ForgetlabError(f"--out {out}: cannot be written (a directory, or not in a writable one)")
     results = dict(device=args.device, torch=torch.__version__, quick=args.quick,
                    gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
     for name in names:
@@ -220,8 +226,8 @@ def main(argv=None):
             results[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
         results[name]["check_seconds"] = time.time() - t
         print(f"{name}: {json.dumps(results[name])[:300]}", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_text(out, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import bench  # noqa: E402
 import demo_single_weight  # noqa: E402
 import demo_toy_forgetting  # noqa: E402
+import gpu_check  # noqa: E402
 import prepare_model  # noqa: E402
 import sweep  # noqa: E402
 
@@ -240,6 +241,8 @@ SCRIPT_CASES = [
     (sweep.main, ["--seeds", "0,x"], "--seeds: 'x' is not an integer"),
     (sweep.main, ["--methods", "full,nope"], "--method 'nope' is unknown"),
     (sweep.main, ["--seed", "3"], "--seed is set by the sweep for each run"),
+    (gpu_check.main, ["--only", "parity,bogus", "--out", "{d}/check.json"], "--only: unknown check 'bogus'"),
+    (gpu_check.main, ["--out", "{d}/nonempty"], "nonempty: cannot be written"),
 ]
 
 

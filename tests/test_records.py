@@ -1,6 +1,7 @@
 """The committed run records regenerate their reports: report.md is a function of results.json, so a change to
 the comparison, the intervals or the report's format shows here before it silently disagrees with the record."""
 import json
+import os
 import types
 from pathlib import Path
 
@@ -23,3 +24,31 @@ def test_a_committed_run_report_is_rebuilt_from_its_results_byte_for_byte(run, t
 
 def test_there_are_run_records_to_check():
     assert len(RUNS) >= 5
+
+
+def strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_committed_records_name_the_repository_s_files_relative_to_it():
+    """An absolute path whose tail is a file of this repository (or of ../shared) is one checkout's path: it
+    means nothing on another machine. Paths outside the repository (a scratch --out, the cache) may stay."""
+    repo = RESULTS.parent
+    roots = [repo, repo.parent / "shared"]
+    checkout_paths = set()
+    for file in RESULTS.rglob("*.json"):
+        for s in strings(json.loads(file.read_text())):
+            if not os.path.isabs(s):
+                continue
+            parts = Path(s).parts
+            tails = [Path(*parts[i:]) for i in range(1, len(parts) - 1)]
+            if any((root / tail).is_file() for root in roots for tail in tails):
+                checkout_paths.add(f"{file.relative_to(repo)}: {s}")
+    assert not checkout_paths, sorted(checkout_paths)[:5]

@@ -295,3 +295,16 @@ def test_resume_restores_the_method_options_and_ends_bit_for_bit_where_one_run_e
     assert config[option[0][2:]] == float(option[1])
     whole, resumed = load_model(tmp_path / "whole" / "model").state_dict(), load_model(part / "model").state_dict()
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_config_and_results_name_the_repository_s_files_relative_to_it(tiny_dir, tmp_path):
+    """A committed run record must mean the same on every checkout: the default data files are recorded as
+    data/..., and --resume still recognises the run's flags."""
+    argv = ["--model", tiny_dir, "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4",
+            "--eval", "quick", "--eval-split", "dev", "--save-every", "1"]
+    results = train.main(argv)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["data"], config["general_data"]) == ("data/drug_qa.jsonl", "data/general_instructions.jsonl")
+    assert results["before"]["general_qa"]["data"] == "data/general_qa.jsonl"
+    assert config["out"] == str(tmp_path / "run")  # outside the repository: as given
+    train.main([*argv, "--resume"])  # the relative record matches the absolute default
