@@ -110,6 +110,9 @@ LEVELS = {
     # that settings are chosen on and the test half that is reported
     "study": {"general_qa": 200, "ppl": None, "domain_recall": None, "domain_unseen": None,
               "arc_easy": 300, "lambada": 300},
+    # after every stage of a task stream (stream.py): the benchmark that moved in the main job and the general
+    # prose NLL, the first signal of forgetting to move, at a fraction of "full"'s cost
+    "stream": {"arc_easy": 200, "ppl": None},
 }
 
 

@@ -62,20 +62,21 @@ def read_before(cfg, want: dict) -> dict | None:
     return {**saved, "read_from": str(file)}
 
 
-def evaluation_cache_file(cfg, record: dict) -> Path | None:
-    """Where the base model's evaluation `record` ({eval, eval_split, weights_sha256}) is cached, or None with
-    --eval-cache none. The key is everything the scores are a function of: the weights, the level and split, the
-    bytes of every task file the level reads, the evaluation and model code, and the torch version and device."""
+def evaluation_cache_file(cfg, record: dict, data_files=()) -> Path | None:
+    """Where the base model's evaluation `record` ({eval, eval_split, weights_sha256, ...}) is cached, or None with
+    --eval-cache none. The key is everything the scores are a function of: the record (the weights, the level and
+    split, a stream's tasks and scoring), the bytes of every task file the level reads and of `data_files`, the
+    evaluation and model code, and the torch version and device."""
     if cfg.eval_cache == "none":
         return None
     import eval as ev
     import torch
 
-    key = {k: record[k] for k in ("eval", "eval_split", "weights_sha256")}
-    h = hashlib.sha256(json.dumps([key, torch.__version__, cfg.device.split(":")[0]]).encode())
+    h = hashlib.sha256(json.dumps([record, torch.__version__, cfg.device.split(":")[0]], sort_keys=True).encode())
     sources = [REPO / "eval.py", REPO / "stats.py", *sorted((REPO / "tasks").glob("*.py")),
                *sorted((REPO / "model").glob("*.py"))]
-    for f in sources + [ev.TASKS[t].data for t in ev.LEVELS[cfg.eval]]:
+    level = [ev.TASKS[t].data for t in ev.LEVELS.get(cfg.eval, {})]
+    for f in sources + level + [Path(f) for f in data_files]:
         h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"absent"))
     root = Path(cfg.eval_cache).expanduser() if cfg.eval_cache != "auto" else default_evaluation_cache()
     return root / f"{h.hexdigest()[:32]}.json"
@@ -87,12 +88,13 @@ def default_evaluation_cache() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "forgetlab" / "evaluations"
 
 
-def cached_evaluation(cfg, record: dict, evaluate) -> dict:
+def cached_evaluation(cfg, record: dict, evaluate, data_files=()) -> dict:
     """The base model's evaluation record: read back from the cache (evaluation_cache_file) and marked with
     where it came from, else `evaluate()`d and cached for the next run on these weights. A cache entry that
     cannot be read is evaluated again, and a cache that cannot be written costs the next run an evaluation,
-    not this run its result: a cache is derived data."""
-    file = evaluation_cache_file(cfg, record)
+    not this run its result: a cache is derived data. data_files: files besides the level's that the evaluation
+    reads (a stream's task files)."""
+    file = evaluation_cache_file(cfg, record, data_files)
     if file is not None and file.is_file():
         try:
             saved = read_json_object(file, "cached evaluation")
@@ -179,16 +181,17 @@ def training_summary_md(s: dict) -> str:
 
 
 @contextlib.contextmanager
-def run_directory(out: Path, model, cfg):
+def run_directory(out: Path, model, cfg, kept=("checkpoints/step-*",)):
     """The run's output directory for the block. If the run stops (a user error, a non-finite step, a full disk,
     Ctrl-C) before any checkpoint exists in it, a fresh run's directory is removed: nothing is left that neither
     --resume nor a new run could use, and the same --out can be given again. A run with checkpoints keeps them,
-    and its config.json and metrics.jsonl, for --resume. A full disk becomes one line naming the space needed."""
+    and its config.json and metrics.jsonl, for --resume. `kept`: the patterns of what --resume continues from (a
+    stream's stage snapshots too). A full disk becomes one line naming the space needed."""
     existed = out.exists()  # then empty: parse_config refuses a fresh run's --out that holds anything
     try:
         yield
     except BaseException as e:
-        if not cfg.resume and distributed.is_main() and out.is_dir() and not any(out.glob("checkpoints/step-*")):
+        if not cfg.resume and distributed.is_main() and out.is_dir() and not any(p for k in kept for p in out.glob(k)):
             for p in (out.iterdir() if existed else [out]):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":

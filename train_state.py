@@ -254,8 +254,9 @@ def read_state_json(path: Path, required: tuple) -> dict:
         raise ForgetlabError(f"{meta_file}: corrupted (its checksum does not match its content)")
     if any(k not in meta for k in required):
         raise ForgetlabError(f"{meta_file}: not a training checkpoint (expected keys {', '.join(required)})")
-    if not (isinstance(meta["step"], int) and isinstance(meta["files"], dict) and isinstance(meta["progress"], dict)):
-        raise ForgetlabError(f"{meta_file}: malformed training checkpoint metadata")
+    types = dict(step=int, stage=int, files=dict, progress=dict)
+    if not all(isinstance(meta[k], types[k]) for k in required if k in types):
+        raise ForgetlabError(f"{meta_file}: malformed checkpoint metadata")
     return meta
 
 

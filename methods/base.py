@@ -29,6 +29,15 @@ lays every such tensor out like its parameter when FSDP2 shards the model (so `p
 same formula on one process and on N ranks), and checkpoints save and restore them (`state_dict`). A method
 that keeps other state overrides `state_dict` / `load_state_dict` and calls the base class's.
 
+Task streams (stream.py). A stream trains task after task with one instance of the method: for each stage it
+sets every parameter trainable and calls setup, configure, optimizer, the steps and finish again, with
+`run.stage`, `run.stages`, `run.task` and `run.domain` (that task's examples) telling the method where it is. So a
+method written for one fine-tune runs in a stream unchanged, each stage starting from the previous one's model:
+l2-init pulls toward the previous task's weights, kl toward the previous task's model, wise-ft interpolates
+between the start and the end of each stage. State kept on `self` carries from stage to stage (online EWC's
+Fisher, O-LoRA's earlier adapters); `state_dict` must hold all of it, since a resumed stream restores it on a
+fresh instance.
+
 Options. A method's settings are a dataclass, `Options`, whose fields (`option(default, help)`) become the flags
 `--NAME.FIELD` (underscores as dashes, a trailing underscore dropped: `lambda_` is `--ewc.lambda`), listed by
 `train.py --help` under the method's name, saved in config.json under the same key ("ewc.lambda"), restored by
@@ -70,6 +79,9 @@ class RunContext:
     rank: int = 0  # this process under torchrun, else 0
     world_size: int = 1
     fsdp: bool = False  # the model will be sharded with FSDP2 (see distributed.py)
+    stage: int = 0  # in a task stream (stream.py): the task being trained, 0-based; a single fine-tune is stage 0
+    stages: int = 1  # the stream's number of tasks (1: a single fine-tune)
+    task: str = ""  # the stream's task of this stage ("" in a single fine-tune)
 
     @property
     def pad_id(self) -> int:
@@ -156,11 +168,25 @@ class Method:
         return {f"{attr}.{n}": t for attr in self.param_state for n, t in getattr(self, attr, {}).items()}
 
     def load_state_dict(self, state: dict):
-        """Copy a checkpoint's tensors (as `state_dict` names them) into the method's own, in place."""
+        """Copy a checkpoint's tensors (as `state_dict` names them) into the method's own, in place; a tensor the
+        method does not hold yet (a stream resumed at a later stage, on a fresh instance) is taken as it is."""
         with torch.no_grad():
             for attr in self.param_state:
-                for n, t in getattr(self, attr, {}).items():
-                    t.copy_(state[f"{attr}.{n}"])
+                own = getattr(self, attr, None)
+                if own is None:
+                    own = {}
+                    setattr(self, attr, own)
+                missing = [n for n in own if f"{attr}.{n}" not in state]
+                if missing:
+                    raise ForgetlabError(f"method {self.name!r}: the saved state lacks {attr}.{missing[0]}")
+                for key, t in state.items():
+                    name = key.removeprefix(f"{attr}.")
+                    if name == key:
+                        continue
+                    if name in own:
+                        own[name].copy_(t)
+                    else:
+                        own[name] = t.clone()
 
 
 def register(name: str):

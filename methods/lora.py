@@ -1,7 +1,7 @@
 """LoRA as a mitigation: train low-rank adapters on frozen weights (the adapters themselves are in ../lora.py)."""
 from dataclasses import dataclass
 
-from lora import apply_lora, find_targets
+from lora import apply_lora, find_targets, is_lora_param, lora_modules
 
 from .base import Method, check_all, option, register
 
@@ -34,7 +34,12 @@ def lora_targets(o) -> tuple[str, ...]:
 
 
 def apply_lora_options(model, o):
-    """apply_lora with the lora.* options `o` (a LoRA.Options)."""
+    """apply_lora with the lora.* options `o` (a LoRA.Options). On a model that has adapters already (a later
+    stage of a task stream) the same adapters train on: sequential LoRA, every other weight frozen again."""
+    if lora_modules(model):
+        for n, p in model.named_parameters():
+            p.requires_grad_(is_lora_param(n))
+        return
     apply_lora(model, r=o.r, alpha=o.alpha, dropout=o.dropout, targets=lora_targets(o))
 
 

@@ -151,7 +151,7 @@ def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, 
                                                  if method == "self-replay" else [])
     results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3", *extra))
     files = sorted(p.name for p in out.iterdir())
-    saved = "adapter" if method in ("lora", "ewc-lora") else "model"
+    saved = "adapter" if method in ("lora", "ewc-lora", "o-lora") else "model"
     assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved]
                            + (["ewc.safetensors"] if method == "ewc" else []))
     config = json.loads((out / "config.json").read_text())
@@ -166,7 +166,7 @@ def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, 
         assert metrics[0]["extra_loss"] == 0.0 and metrics[2]["extra_loss"] > 0
     if method == "replay":
         assert results["training"]["replay_examples"] == int(len(DOMAIN) * 0.15)
-    if method in ("lora", "ewc-lora"):
+    if method in ("lora", "ewc-lora", "o-lora"):
         assert (out / "adapter" / "adapter_config.json").is_file()
         assert results["training"]["trainable_params"] < results["training"]["total_params"] / 10
     else:

@@ -1,0 +1,239 @@
+"""Task streams for every method of a protocol, run resumably, and the report across them from the records alone.
+
+    python scripts/streams.py --protocol configs/streams.json --results results/streams --jobs 2   # run, then report
+    python scripts/streams.py --report results/streams                                              # rebuild the report
+
+The protocol (JSON, copied into the results directory as protocol.json) names the benchmark, the task orders, the
+seeds, the stream.py flags every run gets (stream_flags), and per method its flags (and, optionally, its own orders
+and seeds: joint training has no order, so it runs over seeds instead). Every (method, order, seed) is one
+`stream.py` run in runs/streams/<run>/ (its model and snapshots stay there); when it finishes, its records are
+copied to <results>/runs/<run>/ (config.json, results.json, report.md, matrix.csv, matrix.png, and per stage
+eval.json with the per-item records, train.json and metrics.jsonl), which is all the report reads. A killed
+grid started again skips the finished runs and resumes the others (stream.py --resume). --jobs 2 runs two
+streams side by side, one thread each.
+
+The report (<results>/report.md, summary.csv, summary.png):
+    per run      ACC, BWT, FWT, forgetting and learning accuracy with their paired-bootstrap intervals over test
+                 items, and the general ability after the last stage against the base model
+    per method   the mean of each metric over its runs (orders, or seeds) with a Student t interval
+    summary.png  average accuracy against backward transfer, one point per method with its t intervals
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
+from stream_metrics import across_runs
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDS = ("config.json", "results.json", "report.md", "matrix.csv", "matrix.png")
+STAGE_RECORDS = ("eval.json", "train.json", "metrics.jsonl")
+METRICS = ("acc", "bwt", "fwt", "forgetting", "learning_acc")
+
+
+def read_protocol(path) -> dict:
+    """The protocol, checked before anything runs."""
+    p = read_json_object(path, "stream protocol")
+    for key, kind in (("benchmark", str), ("orders", list), ("seeds", list), ("stream_flags", list),
+                      ("methods", dict)):
+        if not isinstance(p.get(key), kind):
+            raise ForgetlabError(f"{path}: {key!r} must be a {kind.__name__}")
+    for name, m in p["methods"].items():
+        if not (isinstance(m, dict) and isinstance(m.get("flags"), list)):
+            raise ForgetlabError(f"{path}: method {name!r} needs {{\"flags\": [...]}}")
+    return p
+
+
+def planned_runs(p: dict) -> list[tuple[str, str, list[str]]]:
+    """(run name, method name, stream.py flags) of every run of the protocol, in order."""
+    runs = []
+    for name, m in p["methods"].items():
+        for order in m.get("orders", p["orders"]):
+            for seed in m.get("seeds", p["seeds"]):
+                run = f"{name}-order{order}-seed{seed}"
+                flags = ["--benchmark", p["benchmark"], "--order", str(order), "--seed", str(seed),
+                         *p["stream_flags"], *m["flags"]]
+                runs.append((run, name, flags))
+    return runs
+
+
+def run_grid(protocol_file, results: Path, jobs: int, work: Path):
+    p = read_protocol(protocol_file)
+    results.mkdir(parents=True, exist_ok=True)
+    saved = results / "protocol.json"
+    if saved.is_file() and read_json_object(saved, "protocol")["methods"] != p["methods"]:
+        raise ForgetlabError(f"{saved}: the results directory holds another protocol's runs")
+    shutil.copyfile(protocol_file, saved)
+    todo = [r for r in planned_runs(p) if not (results / "runs" / r[0] / "results.json").is_file()]
+    print(f"streams: {len(planned_runs(p)) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else dict(os.environ)
+    while todo or running:
+        while todo and len(running) < jobs:
+            run, _, flags = todo.pop(0)
+            out = work / run
+            resume = ["--resume"] if (out / "config.json").is_file() else []
+            log = open(work / f"{run}.log", "a")
+            cmd = [sys.executable, str(REPO / "stream.py"), *flags, "--out", str(out), *resume]
+            print(f"streams: start {run}: {' '.join(cmd[1:])}", file=sys.stderr)
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO), run, time.time()))
+        time.sleep(5)
+        for proc, run, t0 in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, run, t0))
+            if proc.returncode != 0:
+                raise ForgetlabError(f"{run}: stream.py exited {proc.returncode} (see {work / (run + '.log')})")
+            copy_records(work / run, results / "runs" / run)
+            print(f"streams: {run} done in {time.time() - t0:.0f} s", file=sys.stderr)
+    write_report(results)
+
+
+def copy_records(src: Path, dst: Path):
+    """The run's records (module docstring), into a temporary directory renamed when complete."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in RECORDS:
+        shutil.copyfile(src / f, tmp / f)
+    for stage in sorted(src.glob("stage-*")):
+        (tmp / stage.name).mkdir()
+        for f in STAGE_RECORDS:
+            if (stage / f).is_file():
+                shutil.copyfile(stage / f, tmp / stage.name / f)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+# ----------------------------------------------------------------------------- the report
+
+def read_runs(results: Path) -> tuple[dict, list[tuple[str, str, dict]]]:
+    """(protocol, [(run name, method name, results.json)]) of the finished runs, in the protocol's order."""
+    p = read_protocol(results / "protocol.json")
+    runs = []
+    for run, name, _ in planned_runs(p):
+        f = results / "runs" / run / "results.json"
+        if f.is_file():
+            runs.append((run, name, read_json_object(f, "stream results")))
+    return p, runs
+
+
+def general_change(r: dict) -> dict:
+    """{task metric: (delta, [lo, hi], verdict)} of the general ability after the last stage against the base."""
+    if not r["general"]:
+        return {}
+    return {f"{row['task']} {row['metric']}": (row["delta"], row["delta_ci"], row["verdict"])
+            for row in r["general"][-1]["metrics"]}
+
+
+def fmt(value, ci, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if ci is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def write_report(results: Path) -> str:
+    p, runs = read_runs(results)
+    methods = list(dict.fromkeys(name for _, name, _ in runs))
+    per_method = {m: across_runs([r["metrics"] for _, name, r in runs if name == m]) for m in methods}
+    lines = ["# Task streams", "", p.get("description", ""), "",
+             "Made by `python scripts/streams.py --protocol configs/streams.json --results results/streams`; rebuilt "
+             "from the records under runs/ by `python scripts/streams.py --report results/streams`.", "",
+             f"{len(runs)} of {len(planned_runs(p))} planned runs finished.", "",
+             "## Per method (mean over its runs, 95% Student t interval over orders or seeds; one run: no interval)",
+             "", "| method | runs | ACC | BWT | FWT | forgetting | LA |", "|---|---:|---|---|---|---|---|"]
+    for m in methods:
+        s = per_method[m]
+        lines.append(f"| {m} | {s['acc']['n']} | " + " | ".join(fmt(s[k]["value"], s[k]["ci"]) for k in METRICS) + " |")
+    lines += ["", "ACC: average accuracy after the last stage; BWT: backward transfer (below 0: the earlier tasks lost "
+                  "accuracy); FWT: accuracy on a task just before training it minus the base model's; forgetting: a "
+                  "task's best accuracy after training it minus its final one; LA: accuracy on each task right after "
+                  "training it. Definitions: stream_metrics.py.", "",
+              "## Per run (95% paired bootstrap over test items)", "",
+              "| run | ACC | BWT | FWT | forgetting | general ability after the last stage |", "|---|---|---|---|---|---|"]
+    for run, _, r in runs:
+        m = r["metrics"]
+        general = "; ".join(f"{k} {fmt(d, ci, 3)} {v}" for k, (d, ci, v) in general_change(r).items())
+        lines.append(f"| {run} | " + " | ".join(fmt(m[k], m[f"{k}_ci"]) for k in METRICS[:4]) + f" | {general} |")
+    cost = sum(r["seconds"]["train"] + r["seconds"]["eval"] for _, _, r in runs)
+    lines += ["", f"Compute: {cost / 3600:.1f} hours of training and evaluation in all (the runs' own seconds, "
+                  "two runs side by side with one thread each).", ""]
+    report = "\n".join(lines)
+    (results / "report.md").write_text(report)
+    (results / "summary.csv").write_text(summary_csv(runs))
+    plot_summary(methods, per_method, results / "summary.png")
+    return report
+
+
+def summary_csv(runs) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "method", "order", "seed", *METRICS, *(f"{k}_lo" for k in METRICS), *(f"{k}_hi" for k in METRICS)])
+    for run, name, r in runs:
+        m = r["metrics"]
+        cis = [m[f"{k}_ci"] or [None, None] for k in METRICS]
+        w.writerow([run, name, r["order"], r["seed"], *(m[k] for k in METRICS), *(c[0] for c in cis),
+                    *(c[1] for c in cis)])
+    return buf.getvalue()
+
+
+def plot_summary(methods, per_method, path: Path) -> bool:
+    """Average accuracy against backward transfer, one point per method with its t intervals (joint training has
+    no BWT: drawn as a horizontal line at its ACC)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so summary.png is skipped", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m in methods:
+        acc, bwt = per_method[m]["acc"], per_method[m]["bwt"]
+        if bwt["value"] is None:
+            ax.axhline(acc["value"], ls="--", lw=1, color="grey")
+            ax.text(ax.get_xlim()[0], acc["value"], f" {m}", va="bottom", fontsize=8, color="grey")
+            continue
+        xerr = None if bwt["ci"] is None else [[bwt["value"] - bwt["ci"][0]], [bwt["ci"][1] - bwt["value"]]]
+        yerr = None if acc["ci"] is None else [[acc["value"] - acc["ci"][0]], [acc["ci"][1] - acc["value"]]]
+        ax.errorbar(bwt["value"], acc["value"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=m)
+    ax.axvline(0, lw=0.8, color="black")
+    ax.set_xlabel("backward transfer (BWT)")
+    ax.set_ylabel("average accuracy after the last stage (ACC)")
+    ax.set_title("Task streams: methods, 95% t intervals over orders", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", help="the protocol to run (configs/streams.json)")
+    ap.add_argument("--results", help="the results directory the records go to")
+    ap.add_argument("--report", help="rebuild the report of this results directory and stop")
+    ap.add_argument("--jobs", type=int, default=1, help="streams run side by side (one thread each when > 1)")
+    ap.add_argument("--work", default=str(REPO / "runs" / "streams"), help="where the runs themselves go")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(write_report(Path(args.report)))
+        return
+    if not (args.protocol and args.results) or args.jobs < 1:
+        raise ForgetlabError("give --protocol and --results (and --jobs >= 1), or --report DIR")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    run_grid(args.protocol, Path(args.results), args.jobs, work)
+
+
+if __name__ == "__main__":
+    run_cli(main)
