@@ -48,6 +48,8 @@ class EWCLoRA(Method):
                                  "--ewc.fisher and --ewc.gamma apply to --method ewc only")
 
     def setup(self, model, run):
+        if lora_modules(model):  # a later stage of a task stream: the same adapter trains on, its ΔW still measured
+            return               # from the base weights W₀, so the first stage's Fisher of W₀ stays
         names = find_targets(model, lora_targets(self.groups["lora"]))
         weights = {f"{n}.weight" for n in names}
         for n, p in model.named_parameters():  # the Fisher of the adapted base weights only

@@ -72,6 +72,7 @@ def run_grid(protocol_file, results: Path, jobs: int, work: Path):
         raise ForgetlabError(f"{saved}: the results directory holds another protocol's runs")
     shutil.copyfile(protocol_file, saved)
     todo = [r for r in planned_runs(p) if not (results / "runs" / r[0] / "results.json").is_file()]
+    todo.sort(key=lambda r: p["orders"].index(r[2][r[2].index("--order") + 1]))  # one order of every method first
     print(f"streams: {len(planned_runs(p)) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
     running: list[tuple[subprocess.Popen, str, float]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else dict(os.environ)

@@ -321,3 +321,18 @@ def test_the_committed_stream_reports_are_what_their_records_give(tmp_path):
         stream_outputs.rebuild(run)
         for f in ("results.json", "report.md", "matrix.csv", "matrix.png"):
             assert (run / f).read_bytes() == (COMMITTED / "runs" / run.name / f).read_bytes(), (run.name, f)
+
+
+STREAM_OPTIONS_FOR_TINY = {"freeze": ["--freeze.layers", "1"], "ewc": ["--ewc.fisher-samples", "4"],
+                           "ewc-lora": ["--ewc.fisher-samples", "4"], "online-ewc": ["--online-ewc.fisher-samples", "4"],
+                           "wise-ft": ["--wise-ft.lora"], "kl": ["--kl.lora"]}
+
+
+@pytest.mark.parametrize("method", [m for m in __import__("methods").REGISTRY if m != "self-replay"])
+def test_every_builtin_method_runs_a_two_task_stream(tiny_dir, bench, tmp_path, method):
+    results = stream.main(stream_args(tiny_dir, bench, tmp_path / "s", "--order", "colors,animals", "--method", method,
+                                      "--max-steps", "2", *STREAM_OPTIONS_FOR_TINY.get(method, [])))
+    assert len(results["metrics"]["R"]) == 3 and [s["steps"] for s in results["stages"]] == [2, 2]
+    for k in (1, 2):
+        losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / f"stage-{k}" / "metrics.jsonl").read_text().splitlines()]
+        assert len(losses) == 2 and all(x == x for x in losses)  # finite (not NaN)
