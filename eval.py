@@ -9,6 +9,7 @@ domain, before and after fine-tuning, each number with its 95% interval, and pai
     python eval.py --model DIR [--adapter DIR] [--level full|quick] [--tasks T1,T2] [--split dev|test|all]
                    [--limit N] [--match strict|substring] --out OUT.json
     python eval.py --compare BEFORE.json AFTER.json
+    python eval.py --compare runs/full/results.json runs/mine/results.json     # two runs: mine − baseline, paired
 
 TASKS, below, is the one table of tasks: each names its data file, the fields its rows need, its scorer and
 the metrics it reports. Adding a task is one entry there. The scorers and what they share (the log-likelihood
@@ -19,7 +20,10 @@ engine, answer matching, rows and splits) live in tasks/, one job a file (tasks/
   instructions   data/instructions.jsonl: IFEval-style prompts (Zhou et al. 2023) with programmatic checks
                  (tasks/instruction_checks.py), greedy chat answers of at most 64 tokens; pass = every check passes.
   hellaswag, arc_easy, arc_challenge    multiple choice by log-likelihood, zero-shot, exactly as
-                 lm-evaluation-harness builds and scores them (../shared/data/README.md):
+                 lm-evaluation-harness builds and scores them (../shared/data/README.md). ARC-Easy and LAMBADA,
+                 the default levels' benchmarks, ship with the project (data/benchmarks/); the others are read
+                 from ../shared/data when asked for, and a report lists a task it could not read as "not
+                 evaluated":
                      logprob(c) = Σ_j log p(c_j | context, c_<j)        (summed over the choice's tokens)
                      acc      = mean[argmax_c logprob(c) == gold]
                      acc_norm = mean[argmax_c logprob(c) / len(c) == gold]   (len in characters, no leading space)
@@ -84,10 +88,12 @@ TASKS = {t.name: t for t in [
     Task("instructions", REPO / "data" / "instructions.jsonl", ("id", "prompt", "checks"), score_instructions,
          (Metric("pass_rate", "passed"),), check_file=load_instructions),
     Task("hellaswag", SHARED / "hellaswag.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
-    Task("arc_easy", SHARED / "arc_easy.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
+    Task("arc_easy", REPO / "data" / "benchmarks" / "arc_easy.jsonl", BENCHMARK_FIELDS, score_benchmark,
+         (ACC, ACC_NORM)),
     Task("arc_challenge", SHARED / "arc_challenge.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, ACC_NORM)),
     Task("winogrande", SHARED / "winogrande.jsonl", BENCHMARK_FIELDS + ("continuation",), score_benchmark, (ACC,)),
-    Task("lambada", SHARED / "lambada_openai.jsonl", BENCHMARK_FIELDS, score_benchmark, (ACC, WORD_NLL)),
+    Task("lambada", REPO / "data" / "benchmarks" / "lambada_openai.jsonl", BENCHMARK_FIELDS, score_benchmark,
+         (ACC, WORD_NLL)),
     Task("mmlu", SHARED / "mmlu_val.jsonl", ("question", "choices", "answer"), score_mmlu, (ACC, ACC_NORM)),
     Task("ppl", REPO / "data" / "general_text.jsonl", ("text",), score_perplexity, (TOKEN_NLL,)),
     Task("domain_recall", REPO / "data" / "domain_recall.jsonl", ("prompt", "completion", "answer"), score_domain,
@@ -248,7 +254,10 @@ def compare_forgetting(before: dict, after: dict) -> dict:
     qa_b, qa_a = b.get("general_qa") or {}, a.get("general_qa") or {}
     cats = {c: dict(before=v, after=qa_a["category_accuracy"][c])
             for c, v in (qa_b.get("category_accuracy") or {}).items() if c in (qa_a.get("category_accuracy") or {})}
+    skipped = {name: (b.get(name) or {}).get("skipped") or (a.get(name) or {}).get("skipped")
+               for name in TASKS if "skipped" in (b.get(name) or {}) or "skipped" in (a.get(name) or {})}
     return dict(metrics=rows, forgot=forgot, improved=improved, summary=summary_sentence(forgot, improved, rows),
+                **({"not_evaluated": skipped} if skipped else {}),
                 categories=cats, split=next((r.get("split") for r in b.values() if isinstance(r, dict)
                                               and "split" in r), None),
                 match=next((r["match"] for r in b.values() if isinstance(r, dict) and "match" in r), None))
@@ -287,12 +296,67 @@ def format_report(comparison: dict, title: str = "Forgetting report") -> str:
                          f"{stats.format_interval(r['after'], *r['after_ci'], digits=d)} | "
                          f"{stats.format_interval(r['delta'], *r['delta_ci'], digits=d)} | {p} | {r['verdict']} |")
         lines.append("")
+    for name, why in (c.get("not_evaluated") or {}).items():
+        lines.append(f"{name}: not evaluated: {why}")
+    if c.get("not_evaluated"):
+        lines.append("")
     if c.get("categories"):
         lines += ["General QA by category (descriptive only: too few questions each for a verdict):", "",
                   "| category | before | after |", "|---|---:|---:|"]
         lines += [f"| {cat} | {v['before']:.3f} | {v['after']:.3f} |" for cat, v in sorted(c["categories"].items())]
         lines.append("")
     return "\n".join(lines)
+
+
+def compare_runs(baseline: dict, mine: dict, names=("baseline", "mine")) -> dict:
+    """Two train.py runs on the same base model, level and split (their results.json): per metric, mine's change
+    (after − before) minus the baseline's, paired by item,
+
+        d_i = (mine_after_i − mine_before_i) − (baseline_after_i − baseline_before_i),   Δ = mean_i d_i
+
+    (token-weighted for an NLL), with a paired bootstrap interval over the items and the verdict it gives ("mine
+    better", "mine worse", "no detectable difference"). Raises ForgetlabError for runs that cannot be paired."""
+    for key in ("eval", "eval_split", "weights_sha256"):
+        b, m = (baseline.get("base") or {}).get(key), (mine.get("base") or {}).get(key)
+        if b is not None and m is not None and b != m:
+            what = "base model" if key == "weights_sha256" else "evaluation level" if key == "eval" else "split"
+            raise ForgetlabError(f"the two runs' {what} differ ({names[0]}: {b}, {names[1]}: {m}): their changes "
+                                 "cannot be paired")
+    rows = []
+    for name, task in TASKS.items():
+        sides = [r.get(name) for r in (baseline["before"], baseline["after"], mine["before"], mine["after"])]
+        if not all(sides) or any("skipped" in x for x in sides):
+            continue
+        ids = [[it["id"] for it in x["items"]] for x in sides]
+        if any(i != ids[0] for i in ids):
+            raise ForgetlabError(f"{name}: the two runs were evaluated on different items (level, split or data "
+                                 "differ), so they cannot be paired")
+        for m in task.metrics:
+            bb, ba, mb, ma = ([float(it[m.field]) for it in x["items"]] for x in sides)
+            w = [it[m.weight] for it in sides[0]["items"]] if m.weight else None
+            base_change = [a - b for a, b in zip(ba, bb)]
+            mine_change = [a - b for a, b in zip(ma, mb)]
+            delta, lo, hi = stats.paired_bootstrap(base_change, mine_change, weights=w)
+            v = stats.verdict(lo, hi, m.higher_is_better)
+            rows.append(dict(task=name, metric=m.key, n=len(ba), higher_is_better=m.higher_is_better,
+                             baseline_change=sides[1][m.key] - sides[0][m.key], mine_change=sides[3][m.key] - sides[2][m.key],
+                             delta=delta, delta_ci=[lo, hi],
+                             verdict={"improved": "mine better", "forgot": "mine worse"}.get(v, "no detectable difference")))
+    return dict(baseline=names[0], mine=names[1], metrics=rows)
+
+
+def format_run_comparison(c: dict) -> str:
+    lines = [f"## {c['mine']} against {c['baseline']}", "",
+             "Each run's change (after − before), and mine's minus the baseline's, paired by item; 95% paired "
+             "bootstrap intervals.", "",
+             "| task | metric | n | baseline change | mine change | mine − baseline | verdict |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for r in c["metrics"]:
+        d = 3 if r["metric"] != "nll" else 4
+        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} | {r['baseline_change']:+.{d}f} | "
+                     f"{r['mine_change']:+.{d}f} | {stats.format_interval(r['delta'], *r['delta_ci'], digits=d)} | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -394,8 +458,9 @@ def main(argv=None):
                         "depend on it)")
     p.add_argument("--out", help="write the results (with per-item records) to this JSON file")
     p.add_argument("--compare", nargs="+", metavar="FILE",
-                   help="compare two results files (BEFORE AFTER), or the before and after of a train.py run's "
-                        "results.json: prints the run's forgetting report again")
+                   help="compare two results files (BEFORE AFTER); two train.py runs' results.json (BASELINE MINE): "
+                        "mine's change against the baseline's, paired by item; or one train.py results.json: its "
+                        "forgetting report again")
     args = p.parse_args(argv)
     if args.out:
         check_writable_file(args.out)
@@ -411,6 +476,19 @@ def main(argv=None):
             sides = [check_results(run["before"], f"{args.compare[0]}: before"),
                      check_results(run["after"], f"{args.compare[0]}: after")]
         else:
+            runs = [read_json_object(f, "results file") for f in args.compare]
+            if all("training" in r for r in runs):  # two train.py runs: mine's change against the baseline's
+                for f, r in zip(args.compare, runs):
+                    if not isinstance(r.get("before"), dict) or not isinstance(r.get("after"), dict):
+                        raise ForgetlabError(f"{f}: a train.py results.json without a before and an after "
+                                             "evaluation (was the run made with --eval none?)")
+                    check_results(r["before"], f"{f}: before")
+                    check_results(r["after"], f"{f}: after")
+                comparison = compare_runs(*runs, names=tuple(args.compare))
+                print(format_run_comparison(comparison))
+                if args.out:
+                    write_json(args.out, comparison)
+                return
             sides = [read_results(f) for f in args.compare]
         comparison = compare_forgetting(*sides)
         print(format_report(comparison))
@@ -454,5 +532,10 @@ def main(argv=None):
                                   batch_size=args.batch_size, results=results))
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pip install: forgetlab-eval)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

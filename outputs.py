@@ -8,11 +8,11 @@
     report.md      the same, readable
 """
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,16 +23,17 @@ from eval import compare_forgetting, format_report
 from lora import lora_state_dict, save_adapter
 from model import save_pretrained
 from model.checkpoint import write_atomic_text
+from train_config import recorded_config
+from train_state import file_sha256
 
 BEFORE_JSON = "before.json"
 
 
-def write_config(cfg, method, device: str, backend, data, out: Path, before) -> dict:
+def write_config(cfg, method, device: str, backend, data, out: Path, before, provenance: dict) -> dict:
     """config.json (every resolved flag and option, and how the run was made) and before.json, from rank 0."""
-    config = {**{k: recorded_path(v) for k, v in dataclasses.asdict(cfg).items()}, **method.option_values(),
-              "device": device,
+    config = {**recorded_config(cfg), **method.option_values(), "device": device,
               "total_steps": data.total_steps, "warmup_steps": data.warmup_steps,
-              "world_size": distributed.world_size(), "backend": backend}
+              "world_size": distributed.world_size(), "backend": backend, "provenance": provenance}
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_atomic_text(out / "config.json", json.dumps(config, indent=2))  # on --resume: the flags now in force
@@ -40,6 +41,31 @@ def write_config(cfg, method, device: str, backend, data, out: Path, before) -> 
             write_atomic_text(out / BEFORE_JSON, json.dumps(before))
     distributed.barrier()  # --out exists before any rank writes a checkpoint into it
     return config
+
+
+def provenance(argv, files: dict, base_weights_sha256: str) -> dict:
+    """What re-running a run needs beyond its flags: the command line, the commit and whether the tree had
+    uncommitted changes, the Python, torch and NumPy versions, and the sha256 of the data files ({flag: path})
+    and of the base weights. `train.py --config config.json` repeats the flags."""
+    import platform
+
+    import numpy
+    import torch
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return dict(command=["python", "train.py", *[recorded_path(a) for a in (sys.argv[1:] if argv is None else argv)]],
+                commit=git("rev-parse", "HEAD"), dirty=None if status is None else bool(status),
+                python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
+                files={k: dict(path=recorded_path(os.path.abspath(p)), sha256=file_sha256(Path(p)))
+                       for k, p in files.items()},
+                base_weights_sha256=base_weights_sha256)
 
 
 def read_before(cfg, want: dict) -> dict | None:
@@ -132,15 +158,17 @@ def save_outputs(model, tok, cfg, out: Path):
         raise
 
 
-def write_results(out: Path, method, before, after, summary: dict, variants: dict | None = None) -> dict:
+def write_results(out: Path, method, before, after, summary: dict, variants: dict | None = None,
+                  base: dict | None = None) -> dict:
     """results.json and report.md: the before/after comparison (when evaluated) and the training summary.
     variants ({label: evaluation}, Method.variants, e.g. wise-ft's alpha=0.25): each compared with "before" in
-    its own report section, and kept in results.json "after_variants" as {label: {after, comparison}}."""
+    its own report section, and kept in results.json "after_variants" as {label: {after, comparison}}. base: the
+    evaluation's level, split and base weights (eval.py --compare pairs two runs only when they agree)."""
     results = dict(training=summary)
     report = f"# forgetlab: {method.name}\n\n"
     if before is not None:
         comparison = compare_forgetting(before, after)
-        results.update(before=before, after=after, comparison=comparison)
+        results.update(base=base, before=before, after=after, comparison=comparison)
         report += format_report(comparison) + "\n\n"
         if variants:
             results["after_variants"] = {}

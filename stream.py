@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -54,11 +55,11 @@ from methods import Method
 from methods.lora import check_lora_targets
 from model import load_pretrained
 from model.checkpoint import read_safetensors, weights_sha256, write_atomic_text
-from outputs import cached_evaluation, run_directory, save_outputs
+from outputs import cached_evaluation, provenance, run_directory, save_outputs
 from stats import wilson_interval
 from stream_outputs import write_stream_results
 from tasks.classification import SCORINGS, load_benchmark, load_rows, resolve_order, score_classification, tokenize_rows
-from train_config import parse_config, resolve_device, run_context
+from train_config import parse_config, recorded_config, resolve_device, run_context
 from train_state import (Progress, file_record, find_resumable, fsync_dir, read_state_json, resume, verify_files,
                          write_state_json)
 
@@ -116,7 +117,8 @@ def main(argv=None):
     check_lora_targets(method, model)
     base_sha = weights_sha256(model)
     with run_directory(out, model, cfg, kept=("state/stage-*", "stage-*/checkpoints/step-*")):
-        config = write_stream_config(out, cfg, scfg, method, device, order_name, names, stages, base_sha)
+        config = write_stream_config(out, [recorded_path(a) for a in argv], cfg, scfg, method, device, tasks,
+                                     order_name, names, stages, base_sha)
         evaluations = [evaluate_base(model, tok, cfg, scfg, tasks, names, test_sets, base_sha, out)]
         done = restore_snapshot(out, model, method, len(stages)) if cfg.resume else 0
         for k in range(1, done + 1):
@@ -165,11 +167,16 @@ def check_stream_resumable(out: Path, scfg: StreamConfig):
     """--resume: the stream in --out was started with the same stream flags (train.py's are checked by
     parse_config)."""
     saved = json.loads((out / "config.json").read_text()).get("stream", {})
-    for key, value in dataclasses.asdict(scfg).items():
-        now = recorded_path(value)
+    for key, now in recorded_stream(scfg).items():
+        value = getattr(scfg, key)
         if key in saved and saved[key] != now:
             raise ForgetlabError(f"--resume: --{key.replace('_', '-')} is {value!r} but the stream in {out} used "
                                  f"{saved[key]!r}")
+
+
+def recorded_stream(scfg: StreamConfig) -> dict:
+    """The stream's flags as config.json records them (the benchmark folder from the repository when beside it)."""
+    return {k: recorded_path(os.path.abspath(v)) if k == "benchmark" else v for k, v in dataclasses.asdict(scfg).items()}
 
 
 def load_stream_tasks(scfg: StreamConfig) -> tuple[dict, str, list[str]]:
@@ -222,13 +229,14 @@ def replay_buffer(examples: list, n: int, seed: int) -> list:
     return random.Random(seed).sample(examples, min(n, len(examples))) if n else []
 
 
-def write_stream_config(out: Path, cfg, scfg: StreamConfig, method, device: str, order_name: str, names: list,
-                        stages: list, base_sha: str) -> dict:
+def write_stream_config(out: Path, argv: list, cfg, scfg: StreamConfig, method, device: str, tasks: dict,
+                        order_name: str, names: list, stages: list, base_sha: str) -> dict:
     """config.json: train.py's flags and the method's options (so parse_config's --resume check reads it), the
     stream's own under "stream", and what the run is made of."""
-    config = {**{k: recorded_path(v) for k, v in dataclasses.asdict(cfg).items()}, **method.option_values(),
-              "device": device, "base_weights_sha256": base_sha,
-              "stream": {k: recorded_path(v) for k, v in dataclasses.asdict(scfg).items()},
+    files = {f"{n}.{split}": tasks[n].file(split) for n in names for split in ("train", "test")}
+    config = {**recorded_config(cfg), **method.option_values(), "device": device,
+              "provenance": {**provenance(None, files, base_sha), "command": ["python", "stream.py", *argv]},
+              "stream": recorded_stream(scfg),
               "order_name": order_name, "tasks": names,
               "stages": [dict(task=t, examples=len(d.train_set), replayed=len(d.replayed), truncated=d.truncated,
                               total_steps=d.total_steps, warmup_steps=d.warmup_steps) for t, d in stages]}
@@ -393,5 +401,10 @@ def save_final_model(model, tok, cfg, out: Path):
     save_outputs(merge_lora(model) if lora_modules(model) else model, tok, cfg, out)
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pip install: forgetlab-stream)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

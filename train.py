@@ -48,8 +48,8 @@ from methods import Method
 from methods.lora import check_lora_targets
 from model import load_pretrained
 from model.checkpoint import weights_sha256
-from outputs import (cached_evaluation, read_before, run_directory, run_summary, save_outputs, write_config,
-                     write_results)
+from outputs import (cached_evaluation, provenance, read_before, run_directory, run_summary, save_outputs,
+                     write_config, write_results)
 from train_config import output_dir, parse_config, resolve_device, run_context
 from train_state import (Progress, count_nonfinite, find_resumable, nonfinite_cause, resume, skip_or_stop,
                          write_checkpoint)
@@ -66,15 +66,17 @@ def main(argv=None):
     method.check(model, run_ctx)  # the method's own inputs, e.g. EWC's --fisher file against this model
     check_lora_targets(method, model)
     found = find_resumable(out, len(data.train_set), data.total_steps) if cfg.resume else None
+    base_sha = weights_sha256(model)  # the base model's identity: the evaluation cache's key, and the record's
     seconds = dict(load=time.time() - t_start)
     with run_directory(out, model, cfg):  # a run that stops before its first checkpoint leaves nothing behind
 
         # -- before: evaluate the base model, then let the method set itself up on it
         with timed(seconds, "eval_before"):
-            before = evaluate_before(model, tok, cfg)
+            before = evaluate_before(model, tok, cfg, base_sha)
         with timed(seconds, "setup"):
             counts = set_up_method(method, model, run_ctx, data)
-        config = write_config(cfg, method, device, backend, data, out, before)
+        config = write_config(cfg, method, device, backend, data, out, before,
+                              provenance(argv, input_files(cfg, method), base_sha))
 
         # -- train (resuming: from the checkpoint found above; resume() restores its RNG states, so nothing may
         # draw after it)
@@ -92,7 +94,9 @@ def main(argv=None):
         if not distributed.is_main():
             return None
         summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start, before)
-        return write_results(out, method, before and before["results"], after, summary, variants if before else None)
+        base = before and {k: before[k] for k in ("eval", "eval_split", "weights_sha256")}
+        return write_results(out, method, before and before["results"], after, summary, variants if before else None,
+                             base)
 
 
 def start(cfg, method) -> tuple[str, str | None, Path]:
@@ -150,13 +154,23 @@ def load_inputs(cfg, method, device) -> tuple:
                             steps_per_epoch, total_steps, warmup_steps)
 
 
-def evaluate_before(model, tok, cfg) -> dict | None:
+def input_files(cfg, method) -> dict:
+    """{flag: file} of the data the run reads, whose sha256 the record keeps."""
+    files = dict(data=cfg.data)
+    if method.needs_general_data or cfg.replay_fraction > 0:
+        files["general_data"] = cfg.general_data
+    if cfg.method_file:
+        files["method_file"] = cfg.method_file
+    return files
+
+
+def evaluate_before(model, tok, cfg, base_sha: str) -> dict | None:
     """The base model's evaluation as the record before.json holds ({eval, eval_split, weights_sha256, results}):
     read back (--before, --resume, or the evaluation cache: outputs.evaluation_cache_file), else evaluated by
     rank 0 while the others wait, and cached; None with --eval none."""
     if cfg.eval == "none":
         return None
-    record = dict(eval=cfg.eval, eval_split=cfg.eval_split, weights_sha256=weights_sha256(model))
+    record = dict(eval=cfg.eval, eval_split=cfg.eval_split, weights_sha256=base_sha)
     before = read_before(cfg, record)
     if before is None and distributed.is_main():
         before = cached_evaluation(cfg, record, lambda: run_eval(model, tok, cfg, "before"))
@@ -344,5 +358,10 @@ def timed(seconds: dict, phase: str):
     seconds[phase] = time.time() - t
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pip install: forgetlab-train)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,6 +6,7 @@ Every value is checked here, before anything is loaded: a mistake costs a second
 """
 import argparse
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,17 @@ class TrainConfig:
                                  "the next one stops the run")
 
 
+# The fields that name files or directories: recorded from their absolute path (errors.recorded_path: relative to
+# the repository when inside it), so that a record means the same file whatever directory the run was started in.
+PATH_FIELDS = ("method_file", "model", "data", "general_data", "out", "before")
+
+
+def recorded_config(cfg) -> dict:
+    """The TrainConfig as config.json records it (PATH_FIELDS by their path from the repository when inside it)."""
+    return {k: recorded_path(os.path.abspath(v) if k in PATH_FIELDS and isinstance(v, str) else v)
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
 # Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
 RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_split", "before", "eval_cache",
                      "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend")
@@ -123,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         help = f.metadata["help"] + (f". Registered: {describe_methods()}" if f.name == "method" else "")
         typ = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         add_flag(p, "--" + f.name.replace("_", "-"), typ, f.metadata.get("choices"), default=f.default, help=help)
+    p.add_argument("--config", default=None, help="re-run the run a config.json records: its flags and method "
+                                                  "options, those given here winning (give a new --out)")
     types = {}
     for name, cls in REGISTRY.items():
         own = {k: v for k, v in option_keys(cls).items() if v[0] == name}
@@ -142,17 +156,23 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
     win. --method-file is imported first, so that its method's options are flags too."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --method is not short for --method-file
     pre.add_argument("--method-file", default=None)
-    if (method_file := pre.parse_known_args(argv)[0].method_file):
+    pre.add_argument("--config", default=None)
+    known = pre.parse_known_args(argv)[0]
+    recorded = read_recorded_flags(known.config) if known.config else {}
+    if (method_file := known.method_file or recorded.get("method_file")):
         load_method_file(method_file)
     parser = build_parser()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    parser.set_defaults(**{k: v for k, v in recorded.items() if k in fields})  # a recorded run's; typed flags win
     args = parser.parse_args(argv)
     method_cls = get_method_class(args.method)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(method_cls.defaults) - fields
     if unknown:
         raise ForgetlabError(f"method {args.method!r}: defaults name unknown settings {sorted(unknown)}")
-    parser.set_defaults(**method_cls.defaults)
+    reads = option_keys(method_cls)  # the recorded options this method reads (--config with another --method)
+    parser.set_defaults(**{**method_cls.defaults, **{k: v for k, v in recorded.items() if k in fields or k in reads}})
     given = vars(parser.parse_args(argv))
+    given.pop("config", None)
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in fields})
     keys = option_keys(method_cls)
     values = {k: v for k, v in given.items() if k not in fields}
@@ -187,6 +207,29 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
     return cfg, method_cls(make_options(method_cls, values))
 
 
+# What --config does not take from a recorded run: where it went, whether it resumed, and this machine's settings.
+NOT_REPEATED = ("out", "resume", "before", "device", "backend", "eval_cache")
+
+
+def read_recorded_flags(path) -> dict:
+    """train.py --config FILE: the flags and method options of the run a config.json records, as parser defaults
+    (the flags given with --config win). Files the record names relative to the repository are found from any
+    directory."""
+    saved = read_json_object(path, "run config")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "method" not in saved or not fields & set(saved):
+        raise ForgetlabError(f"{path}: not a train.py config.json (no method and flags)")
+    flags = {}
+    for k, v in saved.items():
+        if k in fields and k not in NOT_REPEATED:
+            if k in PATH_FIELDS and isinstance(v, str) and not os.path.isabs(v):
+                v = str((REPO / v).resolve()) if (REPO / v).exists() else v
+            flags[k] = v
+        elif "." in k and not k.startswith("_"):  # a method option, "ewc.lambda"
+            flags[k] = v
+    return flags
+
+
 def check_resumable(cfg: TrainConfig, keys: dict, values: dict) -> dict:
     """--resume: --out holds a run started with the same flags (but RESUME_MAY_CHANGE and the options marked
     resume_may_change). Returns the method's option values: those given, and the run's for the others."""
@@ -194,8 +237,9 @@ def check_resumable(cfg: TrainConfig, keys: dict, values: dict) -> dict:
     if not config_file.is_file():
         raise ForgetlabError(f"{config_file}: not found: --resume continues a run that train.py started in --out")
     saved = read_json_object(config_file, "run config")
-    for f in dataclasses.fields(TrainConfig):  # config.json names files inside the repository relative to it
-        now = recorded_path(getattr(cfg, f.name))
+    now_config = recorded_config(cfg)  # config.json names files inside the repository relative to it
+    for f in dataclasses.fields(TrainConfig):
+        now = now_config[f.name]
         if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != now:
             raise ForgetlabError(f"--resume: --{f.name.replace('_', '-')} is {getattr(cfg, f.name)!r} but the run in "
                                  f"{cfg.out} used {saved[f.name]!r}")

