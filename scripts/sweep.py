@@ -2,6 +2,7 @@
 
     python scripts/sweep.py                                           # full, lora, ewc, replay x seeds 0,1,2
     python scripts/sweep.py --methods full,ewc,l2-init --grid ewc.lambda=0.1,0.5,2 --grid lr=1e-4,2e-4 --eval quick
+    python scripts/sweep.py --methods full,lora,ewc --baseline full    # + each run against full, paired by item
     python scripts/sweep.py --quick                                   # a tiny random model, seconds per run
     python scripts/sweep.py --protocol configs/study.json --results results/study --jobs 2   # the study
     python scripts/sweep.py --report results/study                    # its tables and figures, rebuilt
@@ -21,6 +22,11 @@ Grid axes: `--grid KEY=V1,V2,...`, repeatable. KEY is a train.py setting every m
 methods.option_keys); a method option applies only to the methods that read it (`ewc.lambda` to ewc and
 ewc-lora), the others keep their preset. The grid is every method × the values of each key it reads × every
 seed, seeds innermost.
+
+The base model is evaluated once: the runs after the first read its evaluation from train.py's cache
+(--eval-cache; their results.json name the file). --baseline METHOD adds, per run of another method, its paired
+comparison with METHOD's run of the same seed (eval.compare_runs: per metric, the difference of the two runs'
+after − before changes, item by item, with its interval and verdict).
 
 Outputs in DIR (the csv, the table and the plot are written by scripts/sweep_report.py):
     sweep.csv   one row per finished run: this grid's, then those that earlier sweeps left in DIR, so grids
@@ -382,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid axis, repeatable: a train.py setting (lr, replay-fraction, ...) or a method option "
                         "(ewc.lambda, lora.r, ...), applied to the methods that read it")
+    p.add_argument("--baseline", metavar="METHOD",
+                   help="add to sweep.md each run's paired comparison with this method's run of the same seed "
+                        "(eval.py --compare: mine's change minus the baseline's, per metric, item by item)")
     p.add_argument("--out", default="runs/sweep", help="sweep directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny random model with SmolLM2's tokenizer, 4 steps, quick eval: for tests and smoke runs")
@@ -431,6 +440,8 @@ def main(argv=None):
         load_method_file(extra[extra.index("--method-file") + 1])  # so that its methods can be checked here
     for m in methods:
         get_method(m)  # an unknown name fails now, not after hours of other runs
+    if args.baseline and args.baseline not in methods:
+        raise ForgetlabError(f"--baseline {args.baseline}: not one of --methods ({', '.join(methods)})")
     import train
     train.parse_config([*extra, "--method", methods[0]])  # so does a bad pass-through train flag
     seeds = [int(s) for s in split_list(args.seeds, "--seeds", int)]
@@ -460,8 +471,9 @@ def main(argv=None):
     rows = [sweep_report.collect_row(r, d) for r, d in finished if (d / "results.json").is_file()]
     sweep_report.write_csv(rows, out / "sweep.csv")
     table = sweep_report.summary_table(rows)
+    paired = sweep_report.baseline_table(runs, out, args.baseline) if args.baseline else ""
     (out / "sweep.md").write_text(f"# Sweep: {len(rows)} runs\n\nmean over seeds [95% t interval]; column "
-                                  f"definitions in scripts/sweep.py.\n\n{table}\n")
+                                  f"definitions in scripts/sweep.py.\n\n{table}\n{paired}")
     plotted = sweep_report.plot(rows, out / "sweep.png")
     print(table)
     print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}" + (f", {out / 'sweep.png'}" if plotted else ""),

@@ -86,6 +86,36 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def baseline_table(runs, out: Path, baseline: str) -> str:
+    """sweep.md's section: every finished run of another method against `baseline`'s run of the same seed,
+    metric by metric (eval.compare_runs: the difference of their changes, paired by item)."""
+    import stats
+    from eval import compare_runs
+
+    def results(run):
+        f = out / run.name / "results.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    base = {r.seed: r for r in runs if r.method == baseline}
+    lines = []
+    for run in runs:
+        ref = base.get(run.seed)
+        if run.method == baseline or ref is None or results(run) is None or results(ref) is None:
+            continue
+        mine, theirs = results(run), results(ref)
+        if "before" not in mine or "before" not in theirs:
+            continue  # --eval none: nothing to pair
+        for row in compare_runs(theirs, mine, names=(ref.name, run.name))["metrics"]:
+            d = 3 if row["metric"] != "nll" else 4
+            lines.append(f"| {run.name} | {row['task']} {row['metric']} | {row['n']} | "
+                         f"{stats.format_interval(row['delta'], *row['delta_ci'], digits=d)} | {row['verdict']} |")
+    if not lines:
+        return ""
+    return (f"\n## Against {baseline}, paired by item (same seed)\n\nEach row: this run's change (after − before) "
+            f"minus {baseline}'s, 95% paired bootstrap interval (eval.py --compare).\n\n"
+            "| run | metric | n | run − baseline | verdict |\n|---|---|---:|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both axes (gain higher or equal and forgetting lower or equal, one
     strictly), sorted by gain. Along the front, more gain always costs more forgetting."""

@@ -158,3 +158,17 @@ def test_quick_sweep_trains_tiny_models_and_writes_the_three_files(tmp_path, smo
     mtime = (tmp_path / "ewc-seed0" / "results.json").stat().st_mtime
     sweep.main(argv)  # resumed: nothing left to train
     assert (tmp_path / "ewc-seed0" / "results.json").stat().st_mtime == mtime
+
+
+def test_a_baseline_adds_each_run_s_paired_comparison_to_sweep_md(tmp_path, smollm_dir):
+    argv = ["--quick", "--methods", "full,lora", "--seeds", "0", "--baseline", "full", "--out", str(tmp_path)]
+    sweep.main(argv)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "## Against full, paired by item (same seed)" in md
+    rows = [x for x in md.splitlines() if x.startswith("| lora-seed0 |")]
+    assert any("ppl nll" in r for r in rows) and all(r.split("|")[-2].strip() in (
+        "mine better", "mine worse", "no detectable difference") for r in rows)
+    lora = json.loads((tmp_path / "lora-seed0" / "results.json").read_text())
+    assert lora["training"]["before_read_from"]  # the base model was evaluated once, by the first run
+    with pytest.raises(ForgetlabError, match="--baseline ewc: not one of --methods"):
+        sweep.main(["--quick", "--methods", "full,lora", "--baseline", "ewc", "--out", str(tmp_path / "x")])
