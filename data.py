@@ -13,6 +13,7 @@ label: the loss is the model's likelihood of the answers given the prompts, not 
 (prompt tokens get IGNORE_INDEX = -100, which the model's loss skips).
 """
 import codecs
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -120,6 +121,22 @@ def load_dataset(path) -> list[dict]:
             raise ForgetlabError(f"{path}:{lineno}: {e}") from None
         rows.append(row)
     return rows
+
+
+HELD_OUT = 0.1  # the fraction of a user's --data kept out of training to measure what the run learnt
+
+
+def is_held_out(row: dict, fraction: float = HELD_OUT) -> bool:
+    """Whether a training row is held out: a fixed function of its content (sha256 of its JSON, any "id" field
+    left out, so the evaluation's copy of the row, which gains an id, falls on the same side)."""
+    body = json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(body.encode()).digest()[:4], "big") < fraction * 2**32
+
+
+def split_held_out(rows: list[dict], fraction: float = HELD_OUT) -> tuple[list[dict], list[dict]]:
+    """(rows to train on, held-out rows) by is_held_out, in file order."""
+    held = [r for r in rows if is_held_out(r, fraction)]
+    return [r for r in rows if not is_held_out(r, fraction)], held
 
 
 # ----------------------------------------------------------------------------- formatting and tokenization

@@ -39,6 +39,9 @@ engine, answer matching, rows and splits) live in tasks/, one job a file (tasks/
                  the NLL of the reference answer (the training loss on these prompts).
   domain_unseen  the same on drugs never trained on, of drug classes that were (data/domain_unseen.jsonl):
                  what fine-tuning taught beyond the facts it saw.
+  domain_heldout the rows of a training file that train.py keeps out of training (a tenth, by a hash of each
+                 row: data.is_held_out): the token-weighted NLL of their answers. train.py measures a run on
+                 your own --data with it; with --domain-eval FILE, FILE's rows replace the drug sets instead.
 
 Splits. Every file has fixed, disjoint dev and test halves: the repository's rows carry a "split" field; the
 public benchmarks are split by a hash of the item's id (sha256(id) even = dev). Choose hyper-parameters on dev,
@@ -62,7 +65,7 @@ from errors import (ArgumentParser, ForgetlabError, can_create, no_space_error, 
                     run_cli)
 from tasks.benchmarks import score_benchmark, score_mmlu
 from tasks.common import Metric, Options, Task
-from tasks.domain import score_domain
+from tasks.domain import held_out_rows, score_domain, score_heldout
 from tasks.generation import score_general_qa, score_instructions
 from tasks.instruction_checks import load_instructions
 from tasks.matching import MATCH_RULES, MATCHERS
@@ -100,7 +103,9 @@ TASKS = {t.name: t for t in [
          (ACCURACY, TOKEN_NLL), uses_match=True),
     Task("domain_unseen", REPO / "data" / "domain_unseen.jsonl", ("prompt", "completion", "answer"), score_domain,
          (ACCURACY, TOKEN_NLL), uses_match=True),
+    Task("domain_heldout", REPO / "data" / "drug_qa.jsonl", (), score_heldout, (TOKEN_NLL,), select=held_out_rows),
 ]}
+DOMAIN_TASKS = ("domain_recall", "domain_unseen", "domain_heldout")
 
 # The before/after evaluations of train.py (--eval) and eval.py (--level): {task: items (None = the whole test
 # split)}, always on the test split. "full" keeps within the CPU time of the original five-task evaluation
@@ -181,6 +186,10 @@ def evaluate(model, tok, tasks=None, level: str = "full", limit: int | dict | No
             continue
         n_limit = limit.get(name) if isinstance(limit, dict) else limit
         rows = load_task_rows(name, path, split, n_limit)
+        if not rows:  # e.g. the held-out rows of a small file, none of which fell in this split
+            results[name] = dict(skipped=f"{path}: no {split} rows for {name}")
+            print(f"eval: skipping {name}: {results[name]['skipped']}", file=sys.stderr)
+            continue
         items, extra = task.score(model, tok, rows, opts)
         for row, item in zip(rows, items, strict=True):
             item["split"] = row_split(row)  # so that a split="all" evaluation can be summarized per split

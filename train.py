@@ -31,6 +31,7 @@ config.json records world_size, backend and fsdp.
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -41,16 +42,17 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from data import create_replay_dataset, load_dataset, micro_batch_stream, tokenize_dataset
-from errors import ForgetlabError, run_cli
-from eval import evaluate
+from data import create_replay_dataset, load_dataset, micro_batch_stream, split_held_out, tokenize_dataset
+from errors import ForgetlabError, recorded_path, run_cli
+from eval import DOMAIN_TASKS, LEVELS, TASKS, evaluate, load_task_rows
+from loggers import MetricLoggers
 from methods import Method
 from methods.lora import check_lora_targets
 from model import load_pretrained
 from model.checkpoint import weights_sha256
 from outputs import (cached_evaluation, provenance, read_before, run_directory, run_summary, save_outputs,
                      write_config, write_results)
-from train_config import output_dir, parse_config, resolve_device, run_context
+from train_config import TrainConfig, output_dir, parse_config, resolve_device, run_context
 from train_state import (Progress, count_nonfinite, find_resumable, nonfinite_cause, resume, skip_or_stop,
                          write_checkpoint)
 
@@ -77,6 +79,7 @@ def main(argv=None):
             counts = set_up_method(method, model, run_ctx, data)
         config = write_config(cfg, method, device, backend, data, out, before,
                               provenance(argv, input_files(cfg, method), base_sha))
+        log = MetricLoggers(cfg.log if distributed.is_main() else "", out, config)  # --log, besides metrics.jsonl
 
         # -- train (resuming: from the checkpoint found above; resume() restores its RNG states, so nothing may
         # draw after it)
@@ -85,7 +88,8 @@ def main(argv=None):
         if cfg.resume:
             run = resume(found, out, model, optimizer, method, data.total_steps, out / "metrics.jsonl")
         stream = micro_batch_stream(data.train_set, cfg, tok.pad_id, start=run.step)
-        seconds["train"], tokens_now = train(cfg, model, forward, optimizer, method, stream, data, run, out, config)
+        seconds["train"], tokens_now = train(cfg, model, forward, optimizer, method, stream, data, run, out, config,
+                                             log)
         method.finish(model)
         model.eval()
 
@@ -95,8 +99,11 @@ def main(argv=None):
             return None
         summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start, before)
         base = before and {k: before[k] for k in ("eval", "eval_split", "weights_sha256")}
-        return write_results(out, method, before and before["results"], after, summary, variants if before else None,
-                             base)
+        results = write_results(out, method, before and before["results"], after, summary,
+                                variants if before else None, base)
+        log.log_evaluation(results.get("comparison"), run.step)
+        log.close()
+        return results
 
 
 def start(cfg, method) -> tuple[str, str | None, Path]:
@@ -129,6 +136,13 @@ def load_inputs(cfg, method, device) -> tuple:
     written. The data files are read first, so that a bad one fails before the model is even loaded."""
     needs_general = method.needs_general_data or cfg.replay_fraction > 0
     domain_rows = load_dataset(cfg.data)
+    if cfg.domain_eval:  # its rows checked now, not after the training
+        load_task_rows("domain_recall", cfg.domain_eval)
+    elif "domain_heldout" in domain_evaluation(cfg):  # your own data: a tenth of it measures what the run learnt
+        domain_rows, held = split_held_out(domain_rows)
+        if not domain_rows or not held:
+            raise ForgetlabError(f"{cfg.data}: too few rows to keep a tenth out of training for the domain "
+                                 f"evaluation ({len(domain_rows) + len(held)}); give --domain-eval FILE")
     general_rows = load_dataset(cfg.general_data) if needs_general else []
     model, tok = load_pretrained(cfg.model, dtype=torch.float32, device=device)
     domain, n_trunc = tokenize_dataset(tok, domain_rows, cfg.max_len)
@@ -171,9 +185,12 @@ def evaluate_before(model, tok, cfg, base_sha: str) -> dict | None:
     if cfg.eval == "none":
         return None
     record = dict(eval=cfg.eval, eval_split=cfg.eval_split, weights_sha256=base_sha)
+    domain = domain_evaluation(cfg)
+    if cfg.domain_eval or "domain_heldout" in domain:  # not the drug sets: the record and the cache key say which
+        record["domain"] = {t: recorded_path(os.path.abspath(f)) for t, f in domain.items()}
     before = read_before(cfg, record)
     if before is None and distributed.is_main():
-        before = cached_evaluation(cfg, record, lambda: run_eval(model, tok, cfg, "before"))
+        before = cached_evaluation(cfg, record, lambda: run_eval(model, tok, cfg, "before"), data_files=domain.values())
     return distributed.broadcast_object(before)
 
 
@@ -214,9 +231,11 @@ def configure_optimizers(model, weight_decay: float, lr: float, betas, device_ty
     return (method or Method()).optimizer(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progress, out: Path, config: dict):
+def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progress, out: Path, config: dict,
+          log=None):
     """The training loop: optimizer steps run.step .. data.total_steps - 1, counted in `run`, one line each in
-    metrics.jsonl, a checkpoint every --save-every steps. Returns (seconds, tokens processed) of this process."""
+    metrics.jsonl (and to the --log loggers), a checkpoint every --save-every steps. Returns (seconds, tokens
+    processed) of this process."""
     device = config["device"]  # as resolved, under torchrun this rank's
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -226,7 +245,7 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
     main_rank = distributed.is_main()  # the one that logs
     bar = tqdm(total=data.total_steps, initial=run.step, desc=f"train {method.name}", unit="step",
                disable=not main_rank)
-    with open(out / "metrics.jsonl", "a") if main_rank else contextlib.nullcontext() as log, bar:
+    with open(out / "metrics.jsonl", "a") if main_rank else contextlib.nullcontext() as metrics, bar:
         for step in range(run.step, data.total_steps):
             lr = get_lr(step, cfg.lr, data.warmup_steps, data.total_steps, cfg.schedule)
             for g in optimizer.param_groups:
@@ -251,8 +270,10 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
             if cause is not None:
                 record["skipped"] = cause
             if main_rank:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if log is not None:
+                    log.log(record, run.step)
             if cfg.save_every and (run.step % cfg.save_every == 0 or run.step == data.total_steps):
                 run.checkpoint = write_checkpoint(out, model, optimizer, method, run, data, epoch, config)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
@@ -342,12 +363,31 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
     return after, variants
 
 
+def domain_evaluation(cfg) -> dict:
+    """{domain task: its file} of the --eval level: the drug sets on the default data; --domain-eval's file in
+    their place; on your own --data without it, domain_heldout, the tenth of --data kept out of training
+    (data.is_held_out). {} for a level without domain tasks."""
+    level = LEVELS[cfg.eval] if cfg.eval != "none" else {}
+    if not any(t in level for t in DOMAIN_TASKS):
+        return {}
+    if cfg.domain_eval:
+        return {"domain_recall": cfg.domain_eval}
+    if Path(cfg.data).resolve() != Path(TrainConfig.data).resolve():
+        return {"domain_heldout": cfg.data}
+    return {t: str(TASKS[t].data) for t in DOMAIN_TASKS[:2] if t in level}
+
+
 def run_eval(model, tok, cfg, stage: str):
-    """The --eval level of eval.py (eval.LEVELS): the same tasks, items and settings as `python eval.py --level`."""
+    """The --eval level of eval.py (eval.LEVELS): the same tasks, items and settings as `python eval.py --level`,
+    its domain tasks those of `domain_evaluation`."""
     if cfg.eval == "none":
         return None
     print(f"[{stage}] evaluating ({cfg.eval}, {cfg.eval_split} split)", file=sys.stderr)
-    return evaluate(model, tok, level=cfg.eval, split=cfg.eval_split, batch_size=cfg.eval_batch_size, progress=True)
+    domain = domain_evaluation(cfg)
+    limits = {t: n for t, n in LEVELS[cfg.eval].items() if t not in DOMAIN_TASKS}
+    limits.update({t: LEVELS[cfg.eval].get(t, LEVELS[cfg.eval].get("domain_recall")) for t in domain})
+    return evaluate(model, tok, tasks=tuple(limits), limit=limits, split=cfg.eval_split, data_paths=domain,
+                    batch_size=cfg.eval_batch_size, progress=True)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import torch
 from errors import (ArgumentParser, ForgetlabError, can_create, finite_float, read_json_object,
                     recorded_path)
 import distributed
+import loggers
 from methods import REGISTRY, RunContext, get_method_class, load_method_file, make_options, option_keys
 
 REPO = Path(__file__).resolve().parent
@@ -57,6 +58,9 @@ class TrainConfig:
     eval: str = arg("full", "before/after evaluation: an eval.py --level (full, quick: see eval.LEVELS) on the test "
                             "split, or none",
                     choices=("full", "quick", "study", "none"))
+    domain_eval: str | None = arg(None, "JSONL rows like data/domain_recall.jsonl (prompt, completion, answer) that "
+                                        "measure the domain in place of the drug sets; without it, a run on your "
+                                        "own --data is measured on the tenth of it kept out of training")
     eval_split: str = arg("test", "the split of every evaluation set to evaluate: dev (to choose settings on), test "
                                   "(to report), or all (both in one pass; each item records its split)",
                           choices=("dev", "test", "all"))
@@ -81,13 +85,15 @@ class TrainConfig:
                               "flags again (only --max-steps/--epochs, --eval, --save-every, --skip-nonfinite, "
                               "--device and --compile may change); method options not given (--NAME.OPTION) are "
                               "restored from its config.json")
+    log: str = arg("", "metric loggers besides metrics.jsonl, comma-separated: tensorboard, wandb (offline unless "
+                       "WANDB_MODE says otherwise; see loggers.py)")
     skip_nonfinite: int = arg(0, "skip (no update) up to N optimizer steps whose loss or gradient is NaN or inf; "
                                  "the next one stops the run")
 
 
 # The fields that name files or directories: recorded from their absolute path (errors.recorded_path: relative to
 # the repository when inside it), so that a record means the same file whatever directory the run was started in.
-PATH_FIELDS = ("method_file", "model", "data", "general_data", "out", "before")
+PATH_FIELDS = ("method_file", "model", "data", "general_data", "out", "before", "domain_eval")
 
 
 def recorded_config(cfg) -> dict:
@@ -98,7 +104,7 @@ def recorded_config(cfg) -> dict:
 
 # Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
 RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_split", "before", "eval_cache",
-                     "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend")
+                     "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend", "log")
 
 
 def describe_methods() -> str:
@@ -196,10 +202,12 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
               (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
               (not cfg.resume or cfg.out, "--resume needs --out, the directory of the run to continue"),
               (not cfg.before or Path(cfg.before).is_file(), f"--before {cfg.before}: file not found"),
-              (not cfg.before or cfg.eval != "none", "--before reuses a before-evaluation: give an --eval level")]
+              (not cfg.before or cfg.eval != "none", "--before reuses a before-evaluation: give an --eval level"),
+              (not cfg.domain_eval or Path(cfg.domain_eval).is_file(), f"--domain-eval {cfg.domain_eval}: file not found")]
     for ok, msg in checks:
         if not ok:
             raise ForgetlabError(msg)
+    loggers.check_available(cfg.log)
     if cfg.resume:
         values = check_resumable(cfg, keys, values)
     elif cfg.out and Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or any(Path(cfg.out).iterdir())):

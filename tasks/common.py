@@ -38,6 +38,8 @@ class Task:
     # Checks the whole file before its rows are read, raising ForgetlabError "file:line: ..." (rows whose
     # fields hold more than the table can say, like the instructions' checks).
     check_file: Callable | None = None
+    # rows -> the rows the task scores (domain_heldout: those of the training file kept out of training)
+    select: Callable | None = None
 
 
 def qa_prompt(question: str) -> str:

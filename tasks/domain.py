@@ -1,7 +1,8 @@
-"""The domain tasks (domain_recall, domain_unseen): the drugs' facts asked in new words, scored two ways: the
-strict-match accuracy of greedy chat answers, and the NLL of the reference answer as training sees it (the
-training loss on these prompts)."""
-from data import tokenize_example
+"""The domain tasks. domain_recall and domain_unseen: the drugs' facts asked in new words (or the rows of
+train.py --domain-eval), scored two ways: the strict-match accuracy of greedy chat answers, and the NLL of the
+reference answer as training sees it (the training loss on these prompts). domain_heldout: the rows of a user's
+--data kept out of training (data.is_held_out), the NLL of their answers."""
+from data import is_held_out, tokenize_example
 from errors import ForgetlabError
 from model import IGNORE_INDEX, generate
 
@@ -37,3 +38,27 @@ def score_domain(model, tok, rows, opts: Options, max_new_tokens: int = 48, max_
                           answers=answers, correct=MATCHERS[opts.match](resp, answers), nll=-s / len(cont),
                           tokens=len(cont)))
     return items, dict(match=opts.match)
+
+
+def held_out_rows(rows: list[dict]) -> list[dict]:
+    """domain_heldout's rows: those of the training file that train.py keeps out of training."""
+    return [r for r in rows if is_held_out(r)]
+
+
+def score_heldout(model, tok, rows, opts: Options, max_len: int = 512):
+    """The NLL of each held-out row's answer as training sees it (data.tokenize_example, any training format):
+    its last answer span after everything before it, token-weighted over the rows."""
+    requests = []
+    for row in rows:
+        ex = tokenize_example(tok, {k: v for k, v in row.items() if k not in ("id", "split")}, max_len)
+        pos = [t for t, y in enumerate(ex["labels"]) if y != IGNORE_INDEX and t > 0]
+        if not pos:
+            raise ForgetlabError(f"held-out row {row['id']}: no answer token within max_len={max_len}")
+        end = pos[-1] + 1
+        start = end
+        while start - 1 in pos:  # back to the start of the last contiguous answer span
+            start -= 1
+        requests.append((ex["input_ids"][:start], ex["input_ids"][start:end]))
+    scores, _ = score_continuations(model, requests, batch_size=opts.batch_size, progress=opts.progress)
+    items = [dict(id=row["id"], tokens=len(c), nll=-s / len(c)) for row, s, (_, c) in zip(rows, scores, requests)]
+    return items, {}

@@ -53,6 +53,8 @@ def load_rows(task: Task, path, split: str = "all", limit: int | None = None) ->
         if problem:
             raise ForgetlabError(f"{path}:{lineno}: {problem}")
         rows.append({"id": f"{path.name}:{lineno}", **row})
+    if task.select:
+        rows = task.select(rows)
     if split != "all":
         rows = [r for r in rows if row_split(r) == split]
     if limit is not None and limit < len(rows):

@@ -1,6 +1,7 @@
 """The mitigations of the literature (methods.py): each mechanism against its written formula, on tiny models."""
 import copy
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_wise_ft_reports_each_alpha_of_one_run_in_its_own_section(tiny_dir, tiny
     monkeypatch.setitem(ev.LEVELS, "quick", {"general_qa": 2, "ppl": 2, "domain_recall": 2})
     out = tmp_path / "run"
     argv = tiny_args(tiny_dir, tiny_data, out, "--method", "wise-ft", "--wise-ft.alphas", "0,1", "--max-steps", "2",
-                     "--lr", "1e-2")
+                     "--lr", "1e-2", "--domain-eval", str(Path(ev.__file__).parent / "data" / "domain_recall.jsonl"))
     argv[argv.index("--eval") + 1] = "quick"
     results = train.main(argv)
     assert set(results["after_variants"]) == {"alpha=0", "alpha=1"}

@@ -315,11 +315,11 @@ def test_the_committed_stream_reports_are_what_their_records_give(tmp_path):
     copy = tmp_path / "streams"
     shutil.copytree(COMMITTED, copy)
     streams.main(["--report", str(copy)])
-    for f in ("report.md", "summary.csv", "summary.png"):
+    for f in ("report.md", "summary.csv"):  # the figures' bytes depend on the machine's fonts: not compared
         assert (copy / f).read_bytes() == (COMMITTED / f).read_bytes(), f
     for run in sorted((copy / "runs").iterdir()):
         stream_outputs.rebuild(run)
-        for f in ("results.json", "report.md", "matrix.csv", "matrix.png"):
+        for f in ("results.json", "report.md", "matrix.csv"):
             assert (run / f).read_bytes() == (COMMITTED / "runs" / run.name / f).read_bytes(), (run.name, f)
 
 

@@ -18,6 +18,7 @@ from model.tokenizer import Tokenizer
 from tests.tiny import DOMAIN, read_metrics, tiny_args, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
+DRUG_RECALL = str(REPO / "data" / "domain_recall.jsonl")  # the drug domain's own evaluation, for tiny_data runs
 # ----------------------------------------------------------------------------- pieces of the loop
 
 def test_lr_schedule_values_at_chosen_steps():
@@ -201,10 +202,10 @@ def test_quick_eval_writes_before_after_and_comparison(tiny_dir, tiny_data, tmp_
 
     monkeypatch.setitem(ev.LEVELS, "quick", {"general_qa": 2, "ppl": 2, "domain_recall": 2})
     out = tmp_path / "run"
-    argv = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1")
+    argv = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1", "--domain-eval", DRUG_RECALL)
     argv[argv.index("--eval") + 1] = "quick"
     results = train.main(argv)
-    assert set(results) == {"training", "before", "after", "comparison"}
+    assert set(results) == {"training", "base", "before", "after", "comparison"}
     rows = results["comparison"]["metrics"]
     assert {(r["task"], r["metric"]) for r in rows} == {("general_qa", "accuracy"), ("ppl", "nll"),
                                                          ("domain_recall", "accuracy"), ("domain_recall", "nll")}
@@ -222,7 +223,8 @@ def test_before_reuses_another_runs_evaluation_of_the_same_weights_and_refuses_a
     monkeypatch.setattr(train, "evaluate", lambda *a, **kw: calls.append(kw["split"]) or ev.evaluate(*a, **kw))
 
     def argv(out, *extra):
-        args = tiny_args(tiny_dir, tiny_data, tmp_path / out, "--max-steps", "1", "--eval-split", "all", *extra)
+        args = tiny_args(tiny_dir, tiny_data, tmp_path / out, "--max-steps", "1", "--eval-split", "all",
+                         "--domain-eval", DRUG_RECALL, *extra)
         args[args.index("--eval") + 1] = "quick"
         return args
 
@@ -342,7 +344,8 @@ def test_eval_compare_pairs_two_runs_changes_item_by_item(tiny_dir, tiny_data, t
 
     runs = []
     for name, method in (("full", "full"), ("mine", "lora")):
-        flags = tiny_args(tiny_dir, tiny_data, tmp_path / name, "--method", method, "--max-steps", "2")
+        flags = tiny_args(tiny_dir, tiny_data, tmp_path / name, "--method", method, "--max-steps", "2",
+                          "--domain-eval", DRUG_RECALL)
         flags[flags.index("--eval") + 1] = "quick"
         train.main(flags)
         runs.append(tmp_path / name / "results.json")
@@ -387,3 +390,63 @@ def test_a_hub_id_loads_through_huggingface_hub_or_says_how_to_get_it(tiny_dir, 
         load_pretrained("HuggingFaceTB/SmolLM2-360M-Instruct")
     with pytest.raises(ForgetlabError, match="model directory not found"):
         load_pretrained("no/such/local/dir")  # three parts: a path, not a hub id
+
+
+def test_your_own_data_is_measured_on_its_held_out_tenth_or_on_domain_eval(tiny_dir, tiny_data, tmp_path):
+    """A run on another --data than the drug set trains on nine tenths of it and reports the NLL of the held-out
+    answers (domain_heldout) instead of the drug sets; --domain-eval FILE replaces them with FILE's rows."""
+    from data import load_dataset, split_held_out
+
+    rows = [{"prompt": f"What is item {i}?", "completion": f"Item {i} is thing number {i}."} for i in range(60)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_rows, held = split_held_out(load_dataset(data))
+    assert held and len(train_rows) + len(held) == 60 and not set(map(json.dumps, held)) & set(map(json.dumps, train_rows))
+    flags = tiny_args(tiny_dir, (str(data), tiny_data[1]), tmp_path / "a", "--max-steps", "1")
+    flags[flags.index("--eval") + 1] = "quick"
+    results = train.main(flags)
+    assert results["training"]["examples"] == len(train_rows)
+    after = results["after"]
+    assert "domain_recall" not in after and "domain_unseen" not in after
+    held_ids = {it["id"] for it in after["domain_heldout"]["items"]}
+    assert after["domain_heldout"]["n"] >= 1 and after["domain_heldout"]["nll"] > 0
+    assert any(r["task"] == "domain_heldout" for r in results["comparison"]["metrics"])
+    assert held_ids <= {f"mine.jsonl:{i + 1}" for i, r in enumerate(rows) if r in held}
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps(dict(prompt=f"Which item is {i}?", completion=f"Item {i}.", answer=f"item {i}",
+                                             split="test")) + "\n" for i in range(4)))
+    flags = tiny_args(tiny_dir, (str(data), tiny_data[1]), tmp_path / "b", "--max-steps", "1", "--domain-eval",
+                      str(probe))
+    flags[flags.index("--eval") + 1] = "quick"
+    results = train.main(flags)
+    assert results["training"]["examples"] == 60 and "domain_heldout" not in results["after"]
+    assert results["after"]["domain_recall"]["n"] == 4 and "domain_unseen" not in results["after"]
+    assert results["after"]["domain_recall"]["data"].endswith("probe.jsonl")
+
+
+def test_log_tensorboard_and_wandb_offline_get_every_step_and_the_evaluation(tiny_dir, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    flags = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "3", "--log", "tensorboard,wandb")
+    train.main(flags)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([m["loss"] for m in read_metrics(out)]) and len(losses) == 3
+    [run] = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"train/loss" in run.read_bytes()
+
+
+def test_an_unknown_or_absent_logger_is_one_line_before_anything_runs(tiny_dir, tiny_data, tmp_path, monkeypatch):
+    with pytest.raises(ForgetlabError, match="--log mlflow: unknown logger"):
+        train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "a", "--log", "mlflow"))
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ForgetlabError, match=r"--log wandb: the wandb package is not installed \(pip install wandb\)"):
+        train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "b", "--log", "wandb"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
