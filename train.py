@@ -224,11 +224,12 @@ def prepare_training(cfg, model, method, device: str):
 def configure_optimizers(model, weight_decay: float, lr: float, betas, device_type: str, method=None):
     """AdamW (Loshchilov & Hutter 2019), or the method's optimizer (Method.optimizer, e.g. mofo), over trainable
     parameters: matrices and embeddings (dim >= 2) decay, norms and biases (dim < 2) do not, since shrinking a
-    gain or an offset toward 0 is not a useful prior."""
+    gain or an offset toward 0 is not a useful prior. Speed: torch's fused AdamW, one kernel over all the tensors,
+    on CUDA and on CPU (BENCHMARKS.md: on CPU the per-tensor loop costs several times as long per step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return (method or Method()).optimizer(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    return (method or Method()).optimizer(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progress, out: Path, config: dict,

@@ -4,7 +4,7 @@ transformers + PEFT on the same machine in the same run.
     python scripts/bench.py --all                     # everything below, default model, CPU, float32
     python scripts/bench.py --quick                   # everything, on a tiny random model, 2 steps each (a test)
     python scripts/bench.py --all --json out.json     # also write the figures as JSON
-    python scripts/bench.py --train --generate        # sections: --train --generate --fisher --ewc-step --eval
+    python scripts/bench.py --train --generate        # sections: --train --generate --fisher --ewc-step --eval --loop
     python scripts/bench.py --mode lora --batch 4 --seq 256 --steps 5     # one workload; last line tokens_per_s=
     python scripts/bench.py --all --device cuda --dtype bfloat16 --shape llama-3.2-1b --seq 2048 --batch 4
 
@@ -392,6 +392,8 @@ def parse_args(argv):
     parser.add_argument("--generate", action="store_true", help="generation tokens/s vs HF generate")
     parser.add_argument("--fisher", action="store_true", help="empirical Fisher cost (vs a plain step, the loop)")
     parser.add_argument("--ewc-step", action="store_true", help="EWC step variants vs a plain step, in process")
+    parser.add_argument("--loop", action="store_true",
+                        help="train.py's loop: short examples vs 4 x 256 tokens, and the AdamW step (bench_loop.py)")
     parser.add_argument("--eval", action="store_true",
                         help="eval.py's full level: seconds per task, forward tokens/s and MFU")
     parser.add_argument("--quick", action="store_true",
@@ -424,12 +426,12 @@ def parse_args(argv):
     for name, (default, quick) in SIZES.items():  # flags given explicitly win over --quick's sizes
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
-    sections = ("train", "generate", "fisher", "ewc_step", "eval")
+    sections = ("train", "generate", "fisher", "ewc_step", "eval", "loop")
     if args.all or (args.quick and not args.mode and not any(getattr(args, s) for s in sections)):
         for s in sections:
             setattr(args, s, True)
     if not args.mode and not any(getattr(args, s) for s in sections):
-        parser.error("choose --all, --quick, a section (--train --generate --fisher --ewc-step --eval) or --mode")
+        parser.error("choose --all, --quick, a section (--train --generate --fisher --ewc-step --eval --loop) or --mode")
     if not args.shape and not args.model:
         from model.convert_gguf import prepare_default_model
         args.model = str(prepare_default_model())
@@ -476,6 +478,8 @@ def main(argv=None):
                                                               adamw_choice=args.adamw)
     if args.eval:
         results["eval"] = sibling("bench_eval").bench_eval(args, cfg, peak)
+    if args.loop:
+        results["loop"] = sibling("bench_loop").bench_loop(args, args.model)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -75,14 +75,17 @@ def test_quick_run_prints_every_figure(quick):
                     r"evaluation: level full, 4 items a task",
                     *(rf"\n  {task:16s} +\d+\.\d\d s\n" for task in ("general_qa", "instructions", "ppl", "arc_easy")),
                     r"total \d+\.\d s: \d+ forward tokens, \d+ lm_head rows, \d+\.\d tokens/s, "
-                    r"\d+\.\d GFLOP/s, MFU \d+\.\d%"]:
+                    r"\d+\.\d GFLOP/s, MFU \d+\.\d%",
+                    r"short examples \(batch 8\) \d+ tokens/s, 4 x 256 \d+ tokens/s, short / long \d+\.\d\d",
+                    r"AdamW step over every parameter: loop \d+\.\d+ s, foreach \d+\.\d+ s, fused \d+\.\d+ s"]:
         assert re.search(pattern, text), f"{pattern!r} not in:\n{text}"
 
 
 def test_quick_json_holds_every_figure(quick):
     _, results = quick
     assert set(results) == {"machine", "config", "matmul_peak_gflops", "train", "generate", "fisher", "ewc_step",
-                            "eval"}
+                            "eval", "loop"}
+    assert results["loop"]["short_over_long"] > 0 and all(s > 0 for s in results["loop"]["adamw_step_seconds"].values())
     assert results["config"]["adamw"] == "fused" and results["machine"]["torch_threads"] == 1
     train = results["train"]
     figures = [results["matmul_peak_gflops"], train["full"]["ratio"], train["lora"]["ratio"],
