@@ -75,6 +75,7 @@ def run_grid(protocol_file, results: Path, jobs: int, work: Path):
     todo.sort(key=lambda r: p["orders"].index(r[2][r[2].index("--order") + 1]))  # one order of every method first
     print(f"streams: {len(planned_runs(p)) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
     running: list[tuple[subprocess.Popen, str, float]] = []
+    failed = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else dict(os.environ)
     while todo or running:
         while todo and len(running) < jobs:
@@ -90,11 +91,15 @@ def run_grid(protocol_file, results: Path, jobs: int, work: Path):
             if proc.poll() is None:
                 continue
             running.remove((proc, run, t0))
-            if proc.returncode != 0:
-                raise ForgetlabError(f"{run}: stream.py exited {proc.returncode} (see {work / (run + '.log')})")
+            if proc.returncode != 0:  # the others go on; a later start of the grid resumes this one
+                failed.append(run)
+                print(f"streams: {run} FAILED (exit {proc.returncode}; see {work / (run + '.log')})", file=sys.stderr)
+                continue
             copy_records(work / run, results / "runs" / run)
             print(f"streams: {run} done in {time.time() - t0:.0f} s", file=sys.stderr)
     write_report(results)
+    if failed:
+        raise ForgetlabError(f"{len(failed)} streams failed ({', '.join(failed)}): see their logs in {work}")
 
 
 def copy_records(src: Path, dst: Path):

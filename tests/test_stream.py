@@ -336,3 +336,17 @@ def test_every_builtin_method_runs_a_two_task_stream(tiny_dir, bench, tmp_path, 
     for k in (1, 2):
         losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / f"stage-{k}" / "metrics.jsonl").read_text().splitlines()]
         assert len(losses) == 2 and all(x == x for x in losses)  # finite (not NaN)
+
+
+def test_a_failed_stream_does_not_stop_the_grid_and_is_named_at_the_end(tiny_dir, bench, tmp_path):
+    from scripts import streams
+
+    protocol = dict(benchmark=str(bench), orders=["colors,animals"], seeds=[0],
+                    stream_flags=["--model", tiny_dir, "--general-eval", "none", "--batch-size", "4", "--max-steps", "1"],
+                    methods={"broken": {"flags": ["--method", "no-such-method"]}, "seq-full": {"flags": []}})
+    (tmp_path / "p.json").write_text(json.dumps(protocol))
+    with pytest.raises(ForgetlabError, match=r"1 streams failed \(broken-ordercolors,animals-seed0\)"):
+        streams.main(["--protocol", str(tmp_path / "p.json"), "--results", str(tmp_path / "r"),
+                      "--work", str(tmp_path / "w")])
+    assert (tmp_path / "r" / "runs" / "seq-full-ordercolors,animals-seed0" / "results.json").is_file()
+    assert "| seq-full | 1 |" in (tmp_path / "r" / "report.md").read_text()
