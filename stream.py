@@ -158,8 +158,8 @@ def parse_stream_config(argv) -> tuple[StreamConfig, object, Method]:
         if (Path(cfg.out) / "results.json").is_file():
             raise ForgetlabError(f"--resume: the stream in {cfg.out} is finished (results.json); nothing to resume")
     if type(method).replay_examples is not Method.replay_examples:
-        raise ForgetlabError(f"--method {method.name}: it rewrites --replay-fraction's general examples, which a stream "
-                             f"does not mix in (use --replay for earlier tasks)")
+        raise ForgetlabError(f"--method {method.name}: it rewrites --replay-fraction's general examples, which a "
+                             f"stream does not mix in (use --replay for earlier tasks)")
     return scfg, cfg, method
 
 
@@ -176,7 +176,8 @@ def check_stream_resumable(out: Path, scfg: StreamConfig):
 
 def recorded_stream(scfg: StreamConfig) -> dict:
     """The stream's flags as config.json records them (the benchmark folder from the repository when beside it)."""
-    return {k: recorded_path(os.path.abspath(v)) if k == "benchmark" else v for k, v in dataclasses.asdict(scfg).items()}
+    return {k: recorded_path(os.path.abspath(v)) if k == "benchmark" else v
+            for k, v in dataclasses.asdict(scfg).items()}
 
 
 def load_stream_tasks(scfg: StreamConfig) -> tuple[dict, str, list[str]]:
@@ -216,7 +217,8 @@ def tokenize_stream(tok, cfg, scfg: StreamConfig, method, tasks: dict, names: li
         steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
         data = train.Data(own, train_set, list(range(len(own), len(train_set))), general, len(own),
-                          sum(e["truncated"] for e in own), 0, steps_per_epoch, total, int(math.ceil(cfg.warmup * total)))
+                          sum(e["truncated"] for e in own), 0, steps_per_epoch, total,
+                          int(math.ceil(cfg.warmup * total)))
         stages.append((task, data))
     print(f"stream of {len(stages)} stage(s): " + ", ".join(f"{t} ({len(d.train_set)} examples, {d.total_steps} "
                                                             f"steps)" for t, d in stages), file=sys.stderr)
@@ -255,7 +257,8 @@ def evaluate_base(model, tok, cfg, scfg, tasks, names, test_sets, base_sha: str,
                   scoring=scfg.scoring, max_len=cfg.max_len, test_rows=scfg.test_rows)
     data_files = [tasks[n].file("test") for n in names]
     cache_cfg = dataclasses.replace(cfg, eval=scfg.general_eval)
-    before = cached_evaluation(cache_cfg, record, lambda: evaluate_stage(model, tok, cfg, scfg, tasks, names, test_sets),
+    before = cached_evaluation(cache_cfg, record,
+                               lambda: evaluate_stage(model, tok, cfg, scfg, tasks, names, test_sets),
                                data_files=data_files)
     result = dict(before["results"], stage=0, cached="read_from" in before)
     write_stage_eval(out, 0, result)

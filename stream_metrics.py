@@ -10,7 +10,7 @@ Learning"):
     ACC  = 1/T     Σ_{j}         R[T][j]                        average accuracy at the end of the stream
     LA   = 1/T     Σ_{j}         R[j+1][j]                      learning accuracy (plasticity): just after training
     BWT  = 1/(T−1) Σ_{j<T−1}     R[T][j] − R[j+1][j]            backward transfer (< 0: forgetting)
-    FWT  = 1/(T−1) Σ_{j≥1}       R[j][j] − R[0][j]              forward transfer: just before training j vs zero-shot
+    FWT  = 1/(T−1) Σ_{j≥1}       R[j][j] − R[0][j]              forward transfer: before training j, vs zero-shot
     F_j  = max_{l=j+1..T−1}      R[l][j] − R[T][j]   (j < T−1)  forgetting of task j: its best accuracy before
                                                                 the last stage minus its final one
     F    = 1/(T−1) Σ_{j<T−1}     F_j                            average forgetting

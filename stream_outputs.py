@@ -139,7 +139,8 @@ def format_stream_report(r: dict) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k.split(".")[0] == r["method"])
     title = f"# Task stream: {r['method']}{' (joint)' if r['joint'] else ''} on {r['order']}"
     lines = [title, "", f"Tasks in order: {', '.join(r['tasks'])}; scoring: {r['scoring']}; seed {r['seed']}"
-             + (f"; replay {r['replay']} per earlier task" if r["replay"] else "") + (f"; {opts}" if opts else "") + ".",
+             + (f"; replay {r['replay']} per earlier task" if r["replay"] else "")
+             + (f"; {opts}" if opts else "") + ".",
              "", summary(r), "", "## Accuracy matrix (test; 95% Wilson intervals)", "",
              "| after | " + " | ".join(r["tasks"]) + " |", "|---|" + "---|" * len(r["tasks"])]
     for label, row, cis in zip(stage_labels(r), m["R"], m["R_ci"], strict=True):
@@ -172,7 +173,8 @@ def format_stream_report(r: dict) -> str:
     lines += ["", "## Training", "", "| stage | task | steps | tokens | final loss | seconds |",
               "|---:|---|---:|---:|---:|---:|"]
     for i, t in enumerate(r["stages"], start=1):
-        lines.append(f"| {i} | {t['task']} | {t['steps']} | {t['tokens']} | {t['final_loss']:.4f} | {t['seconds']:.0f} |")
+        lines.append(f"| {i} | {t['task']} | {t['steps']} | {t['tokens']} | {t['final_loss']:.4f} | "
+                     f"{t['seconds']:.0f} |")
     lines += ["", f"Seconds: training {r['seconds']['train']:.0f}, evaluation {r['seconds']['eval']:.0f}.", ""]
     return "\n".join(lines)
 

@@ -203,7 +203,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
               (not cfg.resume or cfg.out, "--resume needs --out, the directory of the run to continue"),
               (not cfg.before or Path(cfg.before).is_file(), f"--before {cfg.before}: file not found"),
               (not cfg.before or cfg.eval != "none", "--before reuses a before-evaluation: give an --eval level"),
-              (not cfg.domain_eval or Path(cfg.domain_eval).is_file(), f"--domain-eval {cfg.domain_eval}: file not found")]
+              (not cfg.domain_eval or Path(cfg.domain_eval).is_file(),
+               f"--domain-eval {cfg.domain_eval}: file not found")]
     for ok, msg in checks:
         if not ok:
             raise ForgetlabError(msg)

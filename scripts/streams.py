@@ -165,7 +165,8 @@ def write_report(results: Path) -> str:
                   "task's best accuracy after training it minus its final one; LA: accuracy on each task right after "
                   "training it. Definitions: stream_metrics.py.", "",
               "## Per run (95% paired bootstrap over test items)", "",
-              "| run | ACC | BWT | FWT | forgetting | general ability after the last stage |", "|---|---|---|---|---|---|"]
+              "| run | ACC | BWT | FWT | forgetting | general ability after the last stage |",
+              "|---|---|---|---|---|---|"]
     for run, _, r in runs:
         m = r["metrics"]
         general = "; ".join(f"{k} {fmt(d, ci, 3)} {v}" for k, (d, ci, v) in general_change(r).items())
@@ -183,7 +184,8 @@ def write_report(results: Path) -> str:
 def summary_csv(runs) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "method", "order", "seed", *METRICS, *(f"{k}_lo" for k in METRICS), *(f"{k}_hi" for k in METRICS)])
+    w.writerow(["run", "method", "order", "seed", *METRICS, *(f"{k}_lo" for k in METRICS),
+                *(f"{k}_hi" for k in METRICS)])
     for run, name, r in runs:
         m = r["metrics"]
         cis = [m[f"{k}_ci"] or [None, None] for k in METRICS]

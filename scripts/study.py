@@ -28,6 +28,9 @@ and two figures.
 
 Quantities (per run and split; "before" = the base model on the same items):
     recall_gain      domain_recall NLL before - after, nats/token: the trained facts, asked in new words
+    heldout_gain     domain_heldout NLL before - after: a study on one's own --data (no drug sets) measures
+                     what a run learnt on the held-out tenth of it (train.py); its column appears where the
+                     runs have it, and `selection.gain` may name it
     unseen_gain      domain_unseen NLL before - after: drugs never trained on (what carries over)
     recall_acc, unseen_acc      strict-match accuracy after, and their gains (after - before)
     forgetting       general-text NLL (ppl) after - before, nats/token: higher = forgot more
@@ -48,6 +51,7 @@ QUANTITIES = {
     "recall_acc_gain": ("domain_recall", "accuracy", +1), "unseen_acc_gain": ("domain_unseen", "accuracy", +1),
     "forgetting": ("ppl", "nll", +1), "lambada_nll": ("lambada", "nll", +1),
     "lambada": ("lambada", "acc", +1), "arc_easy": ("arc_easy", "acc", +1), "general_qa": ("general_qa", "accuracy", +1),
+    "heldout_gain": ("domain_heldout", "nll", -1),
 }
 LEVELS_AFTER = {"recall_acc": ("domain_recall", "accuracy"), "unseen_acc": ("domain_unseen", "accuracy")}
 SELECTION_RULES = ("least-forgetting-above-gain",)

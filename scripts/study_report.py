@@ -62,7 +62,14 @@ def over_seeds(values: list[float], digits: int = 4) -> str:
 ITEM_COLUMNS = {"recall_gain": ("domain_recall", "nll", True, -1), "unseen_gain": ("domain_unseen", "nll", True, -1),
                 "forgetting": ("ppl", "nll", True, +1), "lambada_nll": ("lambada", "nll", False, +1),
                 "lambada": ("lambada", "correct", False, +1), "arc_easy": ("arc_easy", "correct", False, +1),
-                "general_qa": ("general_qa", "correct", False, +1)}
+                "general_qa": ("general_qa", "correct", False, +1),
+                "heldout_gain": ("domain_heldout", "nll", True, -1)}
+OWN_DATA = "heldout_gain"  # a study on one's own --data: its tables gain the column only where runs have it
+
+
+def with_own_data(cols: list[str], rows: list[dict]) -> list[str]:
+    """`cols`, and heldout_gain after them when any row has it (a study on the drug sets never does)."""
+    return cols + [OWN_DATA] if any(r.get(OWN_DATA) is not None for r in rows) else cols
 
 
 def seed_mean(items_of_runs: list[dict], task: str, field: str) -> dict:
@@ -118,17 +125,18 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     dev = [r for r in rows if r["split"] == "dev"]
     chosen = select(protocol, dev)
     first = protocol["seeds"][0]
+    dev_columns, test_learn = with_own_data(DEV_COLUMNS, rows), with_own_data(TEST_LEARN, rows)
     out = ["# The study: results", "",
            f"Rebuilt by `python scripts/sweep.py --report DIR` from protocol.json, base.json and runs/*.json alone. "
            f"{len(runs)} runs; CPU time {sum(r.get('cpu_s') or 0 for r in runs) / 3600:.1f} h "
            f"(user + system seconds of the train.py processes).", "",
            f"## Dev: every setting, seed {first} (the selection rule reads this table)", "",
-           "| method | setting | " + " | ".join(DEV_COLUMNS) + " | chosen |",
-           "|---|---|" + "---|" * len(DEV_COLUMNS) + "---|"]
+           "| method | setting | " + " | ".join(dev_columns) + " | chosen |",
+           "|---|---|" + "---|" * len(dev_columns) + "---|"]
     for m in protocol["methods"]:
         for params in settings(protocol, m):
             r = next((x for x in dev if x["method"] == m and x["params"] == params and x["seed"] == first), None)
-            cells = [fmt(r[c]) if r else "not run" for c in DEV_COLUMNS]
+            cells = [fmt(r[c]) if r else "not run" for c in dev_columns]
             mark = "**yes**" if m in chosen and chosen[m]["params"] == params else ""
             out.append(f"| {m} | {label(params)} | " + " | ".join(cells) + f" | {mark} |")
     out += ["", "Selection (" + protocol["selection"]["rule"] + "):", ""]
@@ -141,7 +149,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             for name, m, params in groups}
     setting = {name: params for name, _, params in groups}
     ref = protocol["selection"]["reference"]
-    for title, cols in (("learning (higher = learnt more)", TEST_LEARN),
+    for title, cols in (("learning (higher = learnt more)", test_learn),
                         ("forgetting (NLL: higher = forgot more; accuracies: lower = forgot more)", TEST_FORGET)):
         out += ["", f"## Test, chosen settings: {title}", "",
                 "Mean over seeds with its 95% t interval; each value is after − before on the test split.", "",
@@ -149,7 +157,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
         for m, rs in test.items():
             cells = [over_seeds([r[c] for r in rs]) for c in cols]
             out.append(f"| {m} | {label(setting[m])} | {len(rs)} | " + " | ".join(cells) + " |")
-    cols = TEST_LEARN[:2] + TEST_FORGET
+    cols = with_own_data(TEST_LEARN[:2], rows) + TEST_FORGET
     pairings = [(f"each method minus {ref}", [(m, ref) for m in test if m != ref and m in chosen])] if ref in test else []
     controls = [(name, c["like"]) for name, c in protocol.get("controls", {}).items() if name in test]
     pairings += [("each control minus the method it controls", [(c, like) for c, like in controls])] if controls else []
@@ -166,7 +174,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
                      for c in cols]
             out.append(f"| {a_name} − {b_name} | {len(pairs)} | " + " | ".join(cells) + " |")
     items = {name: [record_of(runs, r)["items"] for r in rs] for name, rs in test.items()}
-    cols = list(ITEM_COLUMNS)
+    cols = with_own_data([c for c in ITEM_COLUMNS if c != OWN_DATA], rows)
     out += ["", "## Test, per item: the change averaged over seeds, paired by item", "",
             "Each item's after − before averaged over the seeds (token-weighted for the NLLs), then the mean over the "
             "test items with a 95% paired bootstrap interval over items: it holds the sampling of the items.", "",
@@ -195,16 +203,18 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     return "\n".join(out) + "\n"
 
 
-CSV_COLUMNS = ["method", "setting", "seed", "split", *QUANTITIES, *LEVELS_AFTER, "wall_s", "cpu_s"]
+CSV_COLUMNS = ["method", "setting", "seed", "split", *(q for q in QUANTITIES if q != OWN_DATA), *LEVELS_AFTER,
+               "wall_s", "cpu_s"]
 
 
 def report_csv(rows: list[dict]) -> str:
+    columns = CSV_COLUMNS + ([OWN_DATA] if any(r.get(OWN_DATA) is not None for r in rows) else [])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k))
-                    for k in CSV_COLUMNS if k != "setting"} | {"setting": label(r["params"])})
+                    for k in columns if k != "setting"} | {"setting": label(r["params"])})
     return buf.getvalue()
 
 
@@ -230,13 +240,14 @@ def figures(protocol: dict, base: dict, runs: list[dict], rows: list[dict], out:
     if not test:
         return []
     meta = {"Software": None}  # no version string: the same inputs give the same bytes
+    gain = protocol["selection"]["gain"]  # the protocol's learning axis: recall_gain on the drug sets
     written = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     means = {}
     for i, (m, rs) in enumerate(test.items()):
         color = f"C{i}"
-        xs, ys = [r["recall_gain"] for r in rs], [r["forgetting"] for r in rs]
+        xs, ys = [r[gain] for r in rs], [r["forgetting"] for r in rs]
         ax.scatter(xs, ys, s=12, alpha=0.4, color=color)
         if len(rs) >= 2:
             (mx, xlo, xhi), (my, ylo, yhi) = stats.mean_interval(xs), stats.mean_interval(ys)
@@ -251,7 +262,8 @@ def figures(protocol: dict, base: dict, runs: list[dict], rows: list[dict], out:
     if len(front) > 1:
         ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front (means)")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("domain gain: recall NLL before − after (nats/token, test)")
+    ax.set_xlabel("domain gain: recall NLL before − after (nats/token, test)" if gain == "recall_gain" else
+                  f"domain gain: {gain} (test)")
     ax.set_ylabel("forgetting: general-text NLL after − before (nats/token, test)")
     ax.set_title("Learning vs forgetting (bottom right is better)")
     ax.legend(fontsize=8)

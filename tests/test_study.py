@@ -190,3 +190,37 @@ def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes
     file.write_text(json.dumps(protocol))
     with pytest.raises(ForgetlabError, match="holds another protocol's runs"):
         sweep.main(argv)
+
+
+def test_a_study_on_one_s_own_data_reports_the_held_out_gain(tmp_path):
+    """The fixture's records with domain_heldout items added (a study on one's own --data): the tables and the
+    csv gain heldout_gain, the held-out NLL before − after, token-weighted (checked by hand on one dev cell)."""
+    copy = tmp_path / "own"
+    shutil.copytree(FIXTURE, copy)
+    for f in (copy / "study.md", copy / "study.csv"):
+        f.unlink()
+
+    def held(shift):
+        return [{"id": f"mine.jsonl:{i}", "split": "dev" if i % 2 else "test",
+                 "nll": 2.0 + 0.1 * i - shift * (1 + i % 3), "tokens": 10 + i} for i in range(6)]
+
+    base = json.loads((copy / "base.json").read_text())
+    base["items"]["domain_heldout"] = held(0.0)
+    (copy / "base.json").write_text(json.dumps(base))
+    for i, f in enumerate(sorted((copy / "runs").glob("*.json"))):
+        r = json.loads(f.read_text())
+        r["items"]["domain_heldout"] = held(0.05 * (i + 1))
+        f.write_text(json.dumps(r))
+    sweep.main(["--report", str(copy)])
+    md = (copy / "study.md").read_text()
+    header = next(x for x in md.splitlines() if x.startswith("| method | setting | recall_gain"))
+    assert header.split("|")[-3].strip() == "heldout_gain"
+    first = sorted((copy / "runs").glob("*.json"))[0]
+    r = json.loads(first.read_text())
+    dev_b = [it for it in base["items"]["domain_heldout"] if it["split"] == "dev"]
+    dev_a = [it for it in r["items"]["domain_heldout"] if it["split"] == "dev"]
+    nll = lambda items: sum(it["nll"] * it["tokens"] for it in items) / sum(it["tokens"] for it in items)  # noqa: E731
+    label = " ".join(f"{k}={v}" for k, v in r["params"].items())
+    line = next(x for x in md.splitlines() if x.startswith(f"| {r['method']} | {label} |"))
+    assert line.split("|")[-3].strip() == f"{nll(dev_b) - nll(dev_a):+.4f}"
+    assert "heldout_gain" in (copy / "study.csv").read_text().splitlines()[0]
