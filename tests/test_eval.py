@@ -457,6 +457,10 @@ def test_the_default_levels_benchmarks_ship_with_the_project_and_equal_the_share
     for name, shared in (("arc_easy", "arc_easy.jsonl"), ("lambada", "lambada_openai.jsonl")):
         if (ev.SHARED / shared).is_file():
             assert ev.TASKS[name].data.read_bytes() == (ev.SHARED / shared).read_bytes(), name
+            for level in ("full", "study"):  # the very items a level evaluates, whichever copy is read
+                n = ev.LEVELS[level][name]
+                ids = [r["id"] for r in ev.load_task_rows(name, ev.TASKS[name].data, "test", n)]
+                assert ids == [r["id"] for r in ev.load_task_rows(name, ev.SHARED / shared, "test", n)]
 
 
 def test_a_task_that_could_not_be_evaluated_is_named_in_the_report(tmp_path):
