@@ -86,7 +86,7 @@ def run_grid(protocol_file, results: Path, jobs: int, work: Path):
             cmd = [sys.executable, str(REPO / "stream.py"), *flags, "--out", str(out), *resume]
             print(f"streams: start {run}: {' '.join(cmd[1:])}", file=sys.stderr)
             running.append((subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO), run, time.time()))
-        time.sleep(5)
+        time.sleep(0.5)  # a finished stream is noticed within half a second
         for proc, run, t0 in list(running):
             if proc.poll() is None:
                 continue
