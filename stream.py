@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 import train
 from data import load_dataset, micro_batch_stream, tokenize_dataset
 from errors import REPO, ArgumentParser, ForgetlabError, check_names, recorded_path, run_cli
-from eval import LEVELS, compare_forgetting, evaluate
+from eval import LEVELS, evaluate
 from lora import adapter_settings, apply_lora, lora_modules, merge_lora
 from methods import Method
 from methods.lora import check_lora_targets

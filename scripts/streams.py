@@ -18,7 +18,6 @@ The report (<results>/report.md, summary.csv, summary.png):
     per method   the mean of each metric over its runs (orders, or seeds) with a Student t interval
     summary.png  average accuracy against backward transfer, one point per method with its t intervals
 """
-import argparse
 import csv
 import io
 import json
