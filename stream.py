@@ -102,7 +102,6 @@ def build_stream_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    t_start = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     scfg, cfg, method = parse_stream_config(argv)
     device = resolve_device(cfg.device)
