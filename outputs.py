@@ -43,8 +43,9 @@ def write_config(cfg, method, device: str, backend, data, out: Path, before, pro
     return config
 
 
-def provenance(argv, files: dict, base_weights_sha256: str) -> dict:
-    """What re-running a run needs beyond its flags: the command line, the commit and whether the tree had
+def provenance(command: list[str], files: dict, base_weights_sha256: str) -> dict:
+    """What re-running a run needs beyond its flags: the command line (as given, files named as records name
+    them), the commit and whether the tree had
     uncommitted changes, the Python, torch and NumPy versions, and the sha256 of the data files ({flag: path})
     and of the base weights. `train.py --config config.json` repeats the flags."""
     import platform
@@ -60,7 +61,7 @@ def provenance(argv, files: dict, base_weights_sha256: str) -> dict:
             return None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return dict(command=["python", "train.py", *[recorded_path(a) for a in (sys.argv[1:] if argv is None else argv)]],
+    return dict(command=[recorded_path(a) for a in command],
                 commit=git("rev-parse", "HEAD"), dirty=None if status is None else bool(status),
                 python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
                 files={k: dict(path=recorded_path(os.path.abspath(p)), sha256=file_sha256(Path(p)))

@@ -116,7 +116,7 @@ def main(argv=None):
     check_lora_targets(method, model)
     base_sha = weights_sha256(model)
     with run_directory(out, model, cfg, kept=("state/stage-*", "stage-*/checkpoints/step-*")):
-        config = write_stream_config(out, [recorded_path(a) for a in argv], cfg, scfg, method, device, tasks,
+        config = write_stream_config(out, argv, cfg, scfg, method, device, tasks,
                                      order_name, names, stages, base_sha)
         evaluations = [evaluate_base(model, tok, cfg, scfg, tasks, names, test_sets, base_sha, out)]
         done = restore_snapshot(out, model, method, len(stages)) if cfg.resume else 0
@@ -236,7 +236,7 @@ def write_stream_config(out: Path, argv: list, cfg, scfg: StreamConfig, method, 
     stream's own under "stream", and what the run is made of."""
     files = {f"{n}.{split}": tasks[n].file(split) for n in names for split in ("train", "test")}
     config = {**recorded_config(cfg), **method.option_values(), "device": device,
-              "provenance": {**provenance(None, files, base_sha), "command": ["python", "stream.py", *argv]},
+              "provenance": provenance(["python", "stream.py", *argv], files, base_sha),
               "stream": recorded_stream(scfg),
               "order_name": order_name, "tasks": names,
               "stages": [dict(task=t, examples=len(d.train_set), replayed=len(d.replayed), truncated=d.truncated,

@@ -78,7 +78,8 @@ def main(argv=None):
         with timed(seconds, "setup"):
             counts = set_up_method(method, model, run_ctx, data)
         config = write_config(cfg, method, device, backend, data, out, before,
-                              provenance(argv, input_files(cfg, method), base_sha))
+                              provenance(["python", "train.py", *(sys.argv[1:] if argv is None else argv)],
+                                         input_files(cfg, method), base_sha))
         log = MetricLoggers(cfg.log if distributed.is_main() else "", out, config)  # --log, besides metrics.jsonl
 
         # -- train (resuming: from the checkpoint found above; resume() restores its RNG states, so nothing may

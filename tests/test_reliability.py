@@ -4,11 +4,9 @@ import json
 import re
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -404,7 +402,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path, monk
 
 import train  # noqa: E402
 from errors import run_cli  # noqa: E402
-from tests.tiny import read_metrics, tiny_args  # noqa: E402
+from tests.tiny import read_metrics, sigkill_when, tiny_args  # noqa: E402
 
 
 def adapter_weights(out) -> dict[str, torch.Tensor]:
@@ -422,13 +420,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bitwise_identical(tiny_dir, 
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *tiny_args(tiny_dir, tiny_data, out, *flags)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 90
-    while not (out / "checkpoints" / f"step-{kill_after}").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, out / "checkpoints" / f"step-{kill_after}", timeout=90)
     assert not (out / "adapter").exists()
     killed_at = max(s for s, _ in train_state.step_dirs(out))
     assert killed_at < steps

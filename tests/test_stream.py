@@ -4,10 +4,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from safetensors.torch import load_file
 
 import stream
 import stream_outputs
+from tests.tiny import sigkill_when
 from errors import ForgetlabError
 from tasks.classification import ClassificationTask, encode_prompt, load_benchmark, resolve_order
 
@@ -207,12 +206,7 @@ def test_a_stream_killed_mid_stage_resumes_bit_for_bit(tiny_dir, bench, tmp_path
     proc = subprocess.Popen([sys.executable, str(REPO / "stream.py"), *stream_args(tiny_dir, bench, out, *flags)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not (out / "stage-2" / "checkpoints" / "step-2").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, out / "stage-2" / "checkpoints" / "step-2")
     assert (out / "state" / "stage-1").is_dir() and not (out / "stage-3").exists()
     stream.main(stream_args(tiny_dir, bench, out, *flags, "--resume"))
     a, b = final_weights(tmp_path / "a"), final_weights(out)

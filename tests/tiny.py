@@ -66,3 +66,18 @@ def run_context(cfg, tok, general=(), domain=(), total_steps: int | None = None)
                       total_steps=total_steps or cfg.max_steps or 10**9, tokenizer=tok, device="cpu",
                       domain=list(domain), general=list(general), general_data=str(cfg.general_data),
                       model_name=str(cfg.model or ""), replay_fraction=cfg.replay_fraction, fsdp=cfg.fsdp)
+
+
+def sigkill_when(proc, path, timeout: float = 120):
+    """SIGKILL the subprocess `proc` as soon as `path` exists (a checkpoint it writes), failing the test if it
+    ends or takes longer than `timeout` seconds first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not Path(path).is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
