@@ -184,13 +184,6 @@ class Llama(nn.Module):
             a = layer.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv_heads, max_len, a.head_dim, p.dtype, p.device)
 
-    def repeat_kv_cache(self, counts: torch.Tensor):
-        """Give cache row i counts[i] copies (prefix sharing: one cached context, several continuations)."""
-        for layer in self.model.layers:
-            c = layer.self_attn.kv_cache
-            c.k = c.k.repeat_interleave(counts, dim=0)  # (sum(counts), n_kv_heads, max_len, head_dim)
-            c.v = c.v.repeat_interleave(counts, dim=0)
-
     def select_kv_cache(self, rows: torch.Tensor):
         """Keep cache rows `rows`, in that order (generation drops the sequences that have stopped)."""
         for layer in self.model.layers:
@@ -205,19 +198,26 @@ class Llama(nn.Module):
         """The final norm's output (B, T, hidden): every layer but lm_head. input_ids (B, T). attention_mask
         (B, S): 1 = token, 0 = padding, over the key slots (S = T, or cache_start + T when decoding with the
         KV cache). Positions count real tokens only, so left-padded prompts get the same positions as unpadded
-        ones."""
+        ones. A boolean (B, 1, T, S) attention_mask is used as it is (query t sees key s where True), with
+        position_ids given: several sequences packed into one row, say."""
         B, T = input_ids.shape
         start = 0 if cache_start is None else cache_start
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        mask = None
-        if attention_mask is not None and not (cache_start is None and is_right_padded(attention_mask)):
-            mask = attention_mask_4d(attention_mask, T, start)
-        elif cache_start is not None:  # SDPA's is_causal aligns top-left, wrong once the cache holds a prefix
-            mask = attention_mask_4d(torch.ones(B, start + T, dtype=torch.bool, device=input_ids.device), T, start)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("a 4-d attention_mask needs position_ids")
+            mask = attention_mask
+        else:
+            if position_ids is None:
+                if attention_mask is None:
+                    position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+                else:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            mask = None
+            if attention_mask is not None and not (cache_start is None and is_right_padded(attention_mask)):
+                mask = attention_mask_4d(attention_mask, T, start)
+            elif cache_start is not None:  # SDPA's is_causal aligns top-left, wrong once the cache holds a prefix
+                ones = torch.ones(B, start + T, dtype=torch.bool, device=input_ids.device)
+                mask = attention_mask_4d(ones, T, start)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2)

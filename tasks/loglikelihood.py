@@ -4,11 +4,11 @@
     greedy(context, continuation) = every continuation_j is the argmax after context, continuation_<j
 
 split_request turns a (context, continuation) pair of strings into token ids as lm-evaluation-harness does;
-score_continuations scores many such requests in batches that share each context's forward pass.
+score_continuations scores many such requests in batches, each context's forward pass shared by its continuations.
 """
 import torch
 
-from model import eval_mode, left_pad
+from model import eval_mode
 
 
 def split_request(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -33,53 +33,57 @@ def split_request(tok, context: str, continuation: str) -> tuple[list[int], list
     return whole[:k], whole[k:]
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] in float32, without materializing the whole log-softmax. (..., V), (...)."""
-    logits = logits.float()
-    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
-
-
-def _head_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 128):
-    """(log p(target), target is the argmax) per row of hidden (K, H) -> (K,), (K,): lm_head and
-    _token_logprobs a chunk of rows at a time. Speed: the log-sum-exp is taken in place in the logits' buffer
-    (torch.logsumexp writes a second (chunk, V) temporary, and fresh memory is slow on CPU); chunks of 128
-    rows keep the buffer (25 MB at a 49k vocabulary) under glibc's mmap threshold, so it is reused, not
-    page-faulted in anew."""
-    lps, hits = [], []
-    for i in range(0, len(targets), chunk):
+def _head_logprobs(lm_head, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 128):
+    """(log p(targets[k] | hidden[rows[k]]), whether targets[k] is that row's argmax) for every k -> (K,), (K,):
+    lm_head once per row of hidden (P, H), a chunk of rows at a time, however many targets a row has.
+    Speed: the log-sum-exp is taken in place in the logits' buffer (torch.logsumexp writes a second
+    (chunk, V) temporary, and fresh memory is slow on CPU); chunks of 128 rows keep the buffer (25 MB at a
+    49k vocabulary) under glibc's mmap threshold, so it is reused, not page-faulted in anew."""
+    lp = torch.empty(len(targets), device=hidden.device)
+    hit = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
+    for i in range(0, len(hidden), chunk):
         logits = lm_head(hidden[i:i + chunk]).float()  # (k, V)
-        y = targets[i:i + chunk]
-        picked = logits.gather(-1, y[:, None])[:, 0]
-        hits.append(logits.argmax(-1) == y)
+        here = (rows >= i) & (rows < i + len(logits))
+        r, y = rows[here] - i, targets[here]
+        picked = logits[r, y]
+        hit[here] = logits.argmax(-1)[r] == y
         top = logits.amax(dim=-1)
         lse = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()
-        lps.append(picked - lse)
-    return torch.cat(lps), torch.cat(hits)
+        lp[here] = picked - lse[r]
+    return lp, hit
 
 
-def _plan_batches(groups: list, batch_size: int, max_tokens: int, max_waste: float = 0.25,
+def _tree_row(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """One context and its continuations as one packed row: (ids, positions, segment) where the row is the
+    context (segment 0) then each continuation but its last token (segment s = 1, 2, ...), every
+    continuation at positions len(ctx), len(ctx)+1, ... as if it alone followed the context."""
+    ids, pos, seg = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    for s, c in enumerate(conts, start=1):
+        ids += c[:-1]
+        pos += range(len(ctx), len(ctx) + len(c) - 1)
+        seg += [s] * (len(c) - 1)
+    return ids, pos, seg
+
+
+def _plan_batches(rows: list, batch_size: int, max_tokens: int, max_waste: float = 0.25,
                   min_tokens: int = 512) -> list[list]:
-    """Cut length-sorted groups into batches of at most batch_size contexts whose memory stays bounded:
-    rows x (longest continuation) <= max_tokens logit positions (V floats each), and rows x (context +
-    continuation) <= 8 * max_tokens KV-cache slots (each row holds its own copy of its context).
+    """Cut length-sorted packed rows into batches of at most batch_size rows and max_tokens positions
+    (rows x the longest row, padding included; a longer row is a batch of its own). Speed: passes of about
+    a thousand positions ran fastest on a 2-core CPU, faster than larger ones (their activations stay in
+    cache: results/bench/LOG.md, run I), and memory stays bounded.
 
-    Speed: a batch is also cut when its padding would cost more than max_waste of its real tokens (contexts
-    are left-padded to the longest, continuations right-padded to the longest: ARC's choices vary a lot in
-    length, and padded positions cost as much as real ones). Batches of min_tokens tokens or fewer are
-    never cut for padding: their matrix products are small enough that the per-pass overhead dominates."""
+    Speed: a batch is also cut when its padding would cost more than max_waste of its real tokens (rows are
+    right-padded to the longest, and padded positions cost as much as real ones). Batches of min_tokens
+    positions or fewer are never cut for padding: their matrix products are small enough that the per-pass
+    overhead dominates."""
     batches, cur = [], []
-    for g in groups:
-        trial = cur + [g]
-        rows = sum(len(x[1]) for x in trial)
-        width = max(len(c) for x in trial for c in x[1])
-        longest = max(len(x[0]) for x in trial)
-        slots = rows * (longest + width)
-        real = sum(len(x[0]) + sum(len(c) - 1 for c in x[1]) for x in trial)
-        computed = len(trial) * longest + rows * (width - 1)
-        wasteful = computed > min_tokens and computed > (1 + max_waste) * real
-        if cur and (len(trial) > batch_size or rows * width > max_tokens or slots > 8 * max_tokens or wasteful):
+    for row in rows:
+        trial = cur + [row]
+        computed = len(trial) * max(len(r[0]) for r in trial)
+        wasteful = computed > min_tokens and computed > (1 + max_waste) * sum(len(r[0]) for r in trial)
+        if cur and (len(trial) > batch_size or computed > max_tokens or wasteful):
             batches.append(cur)
-            trial = [g]
+            trial = [row]
         cur = trial
     if cur:
         batches.append(cur)
@@ -87,68 +91,60 @@ def _plan_batches(groups: list, batch_size: int, max_tokens: int, max_waste: flo
 
 
 def score_continuations(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                        max_tokens: int = 2048, progress: bool = False) -> tuple[list[float], list[bool]]:
+                        max_tokens: int = 1024, progress: bool = False) -> tuple[list[float], list[bool]]:
     """For each (context_ids, continuation_ids): the summed log-probability Σ_j log p(cont_j | ctx, cont_<j),
     and whether greedy decoding after the context reproduces the continuation (every token is the argmax).
 
-    Requests with the same context share one pass over it. Per batch of contexts:
-      1. prefill: the left-padded contexts (G, L) fill the KV cache; the last position's logits score
-         each continuation's first token;
-      2. the cache rows are repeated once per continuation, and the continuations minus their last token,
-         right-padded (N, M-1), are run after it; their logits score tokens 2..m.
-    Only continuation positions go through lm_head. An empty continuation scores (0, True)."""
+    Requests with the same context share one pass over it: the context and all its continuations (each but
+    its last token) make one row, a prefix tree (_tree_row), whose attention mask lets a context token see
+    the context before it and a continuation token the context and its own continuation before it, with
+    positions that restart after the context for each continuation. Every continuation's logits are then
+    those it would get alone after its context. Position len(ctx) - 1 scores each continuation's first
+    token, a continuation's own positions its later ones; only those positions go through lm_head, and
+    rows of similar length are batched, right-padded. An empty continuation scores (0, True)."""
     device = model.model.embed_tokens.weight.device
-    scores, greedy = [0.0] * len(requests), [True] * len(requests)
     by_context: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
         if not ctx:
             raise ValueError(f"request {i} has an empty context")
         if cont:
             by_context.setdefault(tuple(ctx), []).append(i)
-    groups = [(list(ctx), [requests[i][1] for i in idx], idx) for ctx, idx in by_context.items()]
-    groups.sort(key=lambda g: len(g[0]) + max(map(len, g[1])), reverse=True)
-    batches = _plan_batches(groups, batch_size, max_tokens)
+    rows = [(*_tree_row(list(ctx), [requests[i][1] for i in idx]), idx) for ctx, idx in by_context.items()]
+    rows.sort(key=lambda r: len(r[0]), reverse=True)
+    batches = _plan_batches(rows, batch_size, max_tokens)
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc="loglikelihood", unit="batch", leave=False)
+    logprob = torch.zeros(len(requests), dtype=torch.float64)
+    misses = torch.zeros(len(requests), dtype=torch.long)
     with eval_mode(model):
         for batch in batches:
-            conts = [c for g in batch for c in g[1]]
-            counts = torch.tensor([len(g[1]) for g in batch], device=device)
-            G, L, M = len(batch), max(len(g[0]) for g in batch), max(map(len, conts))
-            ctx_ids, ctx_mask = (t.to(device) for t in left_pad([g[0] for g in batch], pad_id=0))  # (G, L)
-            first = torch.tensor([c[0] for c in conts], device=device)
-            model.setup_kv_cache(G, L + M - 1)
-            try:
-                last = model(ctx_ids, attention_mask=ctx_mask, cache_start=0, last_only=True)[:, -1]  # (G, V)
-                last = last.repeat_interleave(counts, dim=0)  # (N, V)
-                lp = _token_logprobs(last, first)[:, None]  # (N, 1)
-                hit = (last.argmax(-1) == first)[:, None]  # (N, 1)
-                if M > 1:
-                    model.repeat_kv_cache(counts)
-                    N = len(conts)
-                    inp = torch.zeros((N, M - 1), dtype=torch.long)
-                    tgt = torch.zeros((N, M - 1), dtype=torch.long)
-                    cont_mask = torch.zeros((N, M - 1), dtype=torch.long)
-                    for r, c in enumerate(conts):
-                        inp[r, :len(c) - 1] = torch.tensor(c[:-1])
-                        tgt[r, :len(c) - 1] = torch.tensor(c[1:])
-                        cont_mask[r, :len(c) - 1] = 1
-                    inp, tgt, cont_mask = inp.to(device), tgt.to(device), cont_mask.to(device)
-                    mask = torch.cat([ctx_mask.repeat_interleave(counts, dim=0), cont_mask], dim=1)  # (N, L+M-1)
-                    # Speed: lm_head only at the real (unpadded) continuation positions, a chunk of them at a
-                    # time, instead of model(...)'s (N, M-1, V) logits over the padding too; the values are
-                    # the same as _token_logprobs(model(...), tgt) * cont_mask (the padding scores 0, a hit).
-                    hidden = model.hidden(inp, attention_mask=mask, cache_start=L)  # (N, M-1, hidden)
-                    where = cont_mask.bool()
-                    lp_rest = torch.zeros((N, M - 1), device=device)
-                    hit_rest = torch.ones((N, M - 1), dtype=torch.bool, device=device)
-                    lp_rest[where], hit_rest[where] = _head_logprobs(model.lm_head, hidden[where], tgt[where])
-                    lp = torch.cat([lp, lp_rest], dim=1)
-                    hit = torch.cat([hit, hit_rest], dim=1)
-            finally:
-                model.clear_kv_cache()
-            totals, all_hit = lp.sum(dim=1).tolist(), hit.all(dim=1).tolist()
-            for j, i in enumerate(i for g in batch for i in g[2]):
-                scores[i], greedy[i] = totals[j], all_hit[j]
-    return scores, greedy
+            B, T = len(batch), max(len(r[0]) for r in batch)
+            ids = torch.zeros((B, T), dtype=torch.long)
+            pos = torch.zeros((B, T), dtype=torch.long)
+            seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+            flat, target, owner = [], [], []  # per scored token: flat position b*T + t, its target, its request
+            for b, (row_ids, row_pos, row_seg, idx) in enumerate(batch):
+                n = len(row_ids)
+                ids[b, :n], pos[b, :n], seg[b, :n] = (torch.tensor(x) for x in (row_ids, row_pos, row_seg))
+                n_ctx, offset = row_seg.count(0), row_seg.count(0)
+                for i in idx:
+                    cont = requests[i][1]
+                    where = [n_ctx - 1] + list(range(offset, offset + len(cont) - 1))
+                    offset += len(cont) - 1
+                    flat += [b * T + t for t in where]
+                    target += cont
+                    owner += [i] * len(cont)
+            q = torch.arange(T)
+            causal = q[None, :] <= q[:, None]  # (T, T): query t sees keys <= t
+            sees = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))  # (B, T, T)
+            sees |= torch.eye(T, dtype=torch.bool)  # a padding query sees itself: no all-masked (NaN) row
+            hidden = model.hidden(ids.to(device), attention_mask=sees[:, None].to(device),
+                                  position_ids=pos.to(device))  # (B, T, hidden)
+            unique, rows_of = torch.tensor(flat).unique(return_inverse=True)
+            lp, hit = _head_logprobs(model.lm_head, hidden.flatten(0, 1)[unique.to(device)],
+                                     rows_of.to(device), torch.tensor(target, device=device))
+            owner = torch.tensor(owner)
+            logprob.index_add_(0, owner, lp.double().cpu())
+            misses.index_add_(0, owner, (~hit).long().cpu())
+    return logprob.tolist(), (misses == 0).tolist()
