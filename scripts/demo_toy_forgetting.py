@@ -42,6 +42,11 @@ The baselines of methods/, each in its toy form (train.py's method of the same n
     mofo         plain phase 2 with methods.MoFOOptimizer: only the 10% entries of largest momentum per tensor move
                  (Chen et al. 2025). Not a mitigation here either: the entries B's gradient pushes hardest are those
                  A's features live in, and a sparse update moves them as far (at fraction 1 it is the plain row)
+    ties         plain phase 2, then the shared layer θ⁰ + τ_m, τ_m the 20% largest entries of each of its task
+                 vectors τ = θ_ft − θ⁰ (methods.ties.ties_merge, λ = 1; Yadav et al. 2023)
+    dare         plain phase 2, then θ⁰ + m ⊙ τ / (1 − p) with a Bernoulli(1 − p) mask m, p = 0.9, on the shared
+                 layer (methods.dare.dare; Yu et al. 2024). Neither is a mitigation here: a 10 x 20 layer has no
+                 redundant entries for a sparse update to leave out, so both lose B and keep no more of A
     self-replay  replay whose task-A targets are the phase-1 model's own predictions, not the labels
     ewc-lora     the lora row plus λ/2 Σ F_W (s·B·A)², F_W the task-A Fisher of the shared weight W
 (freeze is the freeze row above: the toy's shared layer is its only layer below the heads.)
@@ -59,11 +64,13 @@ import torch.nn.functional as F
 from errors import ArgumentParser, ForgetlabError, run_cli
 from ewc import EWC
 from lora import apply_lora
+from methods.dare import dare
 from methods.mofo import MoFOOptimizer
+from methods.ties import ties_merge
 
 METHODS = ("plain", "freeze", "lora", "low_lr", "replay", "ewc", "l2-init", "kl", "wise-ft", "mofo", "self-replay",
-           "ewc-lora")
-# the rows that reduce forgetting (see "lora", "wise-ft" and "mofo" above for those that do not, here)
+           "ewc-lora", "ties", "dare")
+# the rows that reduce forgetting (see "lora", "wise-ft", "mofo", "ties" and "dare" for those that do not, here)
 MITIGATIONS = ("freeze", "low_lr", "replay", "ewc", "l2-init", "kl", "self-replay", "ewc-lora")
 N_IN, N_HIDDEN = 10, 20
 
@@ -224,6 +231,12 @@ def run(method: str, cfg: ToyConfig = ToyConfig()) -> Row:
         with torch.no_grad():
             for p, p0 in zip(model.shared.parameters(), (start["shared.weight"], start["shared.bias"])):
                 p.copy_(torch.lerp(p0, p, cfg.wise_alpha))  # head_b is new: it has no θ⁰ to return to
+    if method in ("ties", "dare"):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for p, p0 in zip(model.shared.parameters(), (start["shared.weight"], start["shared.bias"])):
+                tau = p - p0
+                p.copy_(p0 + (ties_merge([tau], 0.2) if method == "ties" else dare(tau, 0.9, generator)))
     return Row(method, loss_a_before, mse(model, "a", test_a), mse(model, "b", test_b))
 
 

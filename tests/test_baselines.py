@@ -314,3 +314,62 @@ def test_ewc_lora_trains_only_adapters_and_its_penalty_grows(tiny_dir, tiny_data
     assert metrics[0]["extra_loss"] == 0.0 and metrics[-1]["extra_loss"] > 0
     assert results["training"]["trainable_params"] < results["training"]["total_params"] / 10
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- ties, dare
+
+def test_ties_merge_equals_peft_s_ties_on_three_task_vectors():
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    from methods.ties import ties_merge
+
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(40, 30, generator=g) for _ in range(3)]
+    for density in (0.1, 0.3, 1.0):
+        ours = ties_merge(taus, density)
+        theirs = merge_utils.ties(taus, torch.ones(3), density=density, majority_sign_method="total")
+        assert torch.allclose(ours, theirs, atol=1e-6), density
+
+
+def test_ties_of_one_task_vector_keeps_exactly_its_largest_entries():
+    from methods.ties import ties_merge
+
+    tau = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 1.0]])
+    assert torch.equal(ties_merge([tau], 0.5), torch.tensor([[0.0, -3.0, 0.0], [2.0, 0.0, 1.0]]))
+    assert torch.equal(ties_merge([tau], 1.0), tau)
+
+
+def test_dare_drops_a_p_fraction_and_rescales_the_rest_to_keep_the_expectation():
+    from methods.dare import dare
+
+    tau = torch.randn(200, 100, generator=torch.Generator().manual_seed(0))
+    out = dare(tau, 0.9, torch.Generator().manual_seed(1))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.1) < 0.01  # 20,000 Bernoulli(0.1): sd 0.002
+    assert torch.allclose(out[kept], tau[kept] / 0.1) and torch.equal(out, dare(tau, 0.9, torch.Generator().manual_seed(1)))
+    mean = sum(dare(tau, 0.5, torch.Generator().manual_seed(s)) for s in range(400)) / 400
+    assert (mean - tau).abs().mean() < 0.05 * tau.abs().mean()  # E[τ̃] = τ
+
+
+@pytest.mark.parametrize("name", ["ties", "dare"])
+def test_a_merge_at_lambda_0_is_the_start_and_keeping_everything_at_lambda_1_the_fine_tuned_model(name):
+    model = tiny_llama()
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    keep_all = "1:1" if name == "ties" else "0:1"
+    method = methods.get_method(name, {f"{name}.lambda": 0.0, f"{name}.settings": f"{keep_all},{keep_all[:-1]}0.5"})
+    method.setup(model, methods.RunContext(seed=0, batch_size=1, max_len=8, total_steps=1, tokenizer=None,
+                                           device="cpu"))
+    method.configure(model)
+    with torch.no_grad():
+        base = model(ids)
+        perturb_([p for p in model.parameters() if p.requires_grad], scale=0.05)  # "training"
+        tuned = model(ids)
+        method.finish(model)  # the saved model: lambda 0
+        assert torch.equal(model(ids), base)
+        variants = method.variants(model)
+        assert list(variants) == (["density=1,lambda=1", "density=1,lambda=0.5"] if name == "ties"
+                                  else ["drop=0,lambda=1", "drop=0,lambda=0.5"])
+        variants[list(variants)[0]]()
+        assert torch.allclose(model(ids), tuned, atol=1e-5)
+        variants[list(variants)[1]]()
+        half = model(ids)
+        assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, tuned, atol=1e-4)

@@ -119,3 +119,10 @@ def test_demos_reject_bad_arguments_with_forgetlab_errors():
         toy.main(["--method", "nope"])
     with pytest.raises(ForgetlabError, match="lambda must be >= 0"):
         single.main(["--lambdas", "1,-1"])
+
+
+def test_sparse_merges_of_a_tiny_layer_lose_task_b_and_keep_no_more_of_a(toy_rows):
+    # ties (the largest 20% of the update) and dare (90% dropped): a 10 x 20 layer has no redundant entries
+    plain = toy_rows["plain"]
+    for method in ("ties", "dare"):
+        assert toy_rows[method].ratio > plain.ratio / 5 and toy_rows[method].loss_b_after > 10 * plain.loss_b_after
