@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import distributed
 from data import create_replay_dataset, load_dataset, micro_batch_stream, split_held_out, tokenize_dataset
+from diagnostics import base_weights, effective_weights, update_geometry
 from errors import ForgetlabError, recorded_path, run_cli
 from eval import DOMAIN_TASKS, LEVELS, TASKS, evaluate, load_task_rows
 from loggers import MetricLoggers
@@ -95,13 +96,13 @@ def main(argv=None):
         model.eval()
 
         # -- save, evaluate again, report
-        after, variants = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
+        after, variants, geometry = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
         if not distributed.is_main():
             return None
         summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start, before)
         base = before and {k: before[k] for k in ("eval", "eval_split", "weights_sha256")}
         results = write_results(out, method, before and before["results"], after, summary,
-                                variants if before else None, base)
+                                variants if before else None, base, dict(update_geometry=geometry))
         log.log_evaluation(results.get("comparison"), run.step)
         log.close()
         return results
@@ -343,7 +344,8 @@ def scalar_or_none(method, hook: str, extra, step: int):
 
 
 def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: str, seconds: dict):
-    """Save the model or adapter, then evaluate it and each of the method's variants (e.g. WiSE-FT's alphas).
+    """Save the model or adapter, measure its update's geometry, then evaluate it and each of the method's
+    variants (e.g. WiSE-FT's alphas). Returns (after, {label: evaluation}, the geometry: rank 0's, else None).
     Several processes: rank 0 works on the whole model (FSDP2's shards gathered) while the others wait."""
     with timed(seconds, "save"):
         if (bad := count_nonfinite(model)):  # e.g. --lr so large that the last update overflowed
@@ -354,6 +356,11 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
             final = final.to(device)
             save_outputs(final, tok, cfg, out)
         method.save(out)  # on every rank: a sharded state is gathered first (EWC writes from rank 0)
+    geometry = None
+    with timed(seconds, "diagnostics"):
+        if distributed.is_main():  # the saved model against the base it started from (diagnostics.py)
+            tuned = effective_weights(final)
+            geometry = update_geometry(base_weights(Path(tok.source), tuned), tuned)
     after, variants = None, {}
     with timed(seconds, "eval_after"):
         if distributed.is_main():
@@ -362,7 +369,7 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
                 apply()
                 variants[label] = run_eval(final, tok, cfg, f"after, {label}")
         distributed.barrier()
-    return after, variants
+    return after, variants, geometry
 
 
 def domain_evaluation(cfg) -> dict:

@@ -8,5 +8,5 @@ built-ins, in the order `train.py --help` lists them.
 from .base import (REGISTRY, Method, RunContext, check_all, flag_name, get_method, get_method_class,  # noqa: F401
                    load_method_file, make_options, option, option_keys, option_type, parse_floats, preset, register)
 from . import presets, lora, ewc, l2_init, freeze, wise_ft, mofo, kl, ewc_lora, self_replay  # noqa: F401,E402
-from . import ties, dare  # noqa: F401,E402  (task-vector merges: merging.py)
+from . import ties, dare, agem  # noqa: F401,E402  (merging.py: the task-vector merges)
 from . import olora, online_ewc  # noqa: F401,E402  (task-stream methods: base.py, "Task streams")

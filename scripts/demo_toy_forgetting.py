@@ -47,6 +47,8 @@ The baselines of methods/, each in its toy form (train.py's method of the same n
     dare         plain phase 2, then θ⁰ + m ⊙ τ / (1 − p) with a Bernoulli(1 − p) mask m, p = 0.9, on the shared
                  layer (methods.dare.dare; Yu et al. 2024). Neither is a mitigation here: a 10 x 20 layer has no
                  redundant entries for a sparse update to leave out, so both lose B and keep no more of A
+    a-gem        plain phase 2 with each step's gradient projected (methods.agem.project) against the gradient
+                 on a memory of a quarter of task A's examples through head_a (Chaudhry et al. 2019)
     self-replay  replay whose task-A targets are the phase-1 model's own predictions, not the labels
     ewc-lora     the lora row plus λ/2 Σ F_W (s·B·A)², F_W the task-A Fisher of the shared weight W
 (freeze is the freeze row above: the toy's shared layer is its only layer below the heads.)
@@ -64,12 +66,13 @@ import torch.nn.functional as F
 from errors import ArgumentParser, ForgetlabError, run_cli
 from ewc import EWC
 from lora import apply_lora
+from methods.agem import project
 from methods.dare import dare
 from methods.mofo import MoFOOptimizer
 from methods.ties import ties_merge
 
 METHODS = ("plain", "freeze", "lora", "low_lr", "replay", "ewc", "l2-init", "kl", "wise-ft", "mofo", "self-replay",
-           "ewc-lora", "ties", "dare")
+           "ewc-lora", "ties", "dare", "a-gem")
 # the rows that reduce forgetting (see "lora", "wise-ft", "mofo", "ties" and "dare" for those that do not, here)
 MITIGATIONS = ("freeze", "low_lr", "replay", "ewc", "l2-init", "kl", "self-replay", "ewc-lora")
 N_IN, N_HIDDEN = 10, 20
@@ -144,6 +147,23 @@ def train(model, loss_fn, epochs: int, lr: float, optimizer=torch.optim.Adam):
         opt.step()
 
 
+class ProjectedAdam(torch.optim.Adam):
+    """Adam on A-GEM's projected gradient: at each step the memory's gradient is taken and the step's gradient
+    projected against it (methods.agem.project) before Adam uses it."""
+
+    def __init__(self, params, lr: float, memory_loss):
+        super().__init__(params, lr=lr)
+        self.memory_loss = memory_loss
+
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        ref = torch.autograd.grad(self.memory_loss(), params, allow_unused=True)
+        ref = [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref)]  # head_b: no part in A
+        for p, g in zip(params, project([p.grad for p in params], ref)[0]):
+            p.grad = g
+        super().step()
+
+
 def task_fisher(model, x) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of task A over the trainable parameters, one explicit backward per example.
 
@@ -215,6 +235,10 @@ def run(method: str, cfg: ToyConfig = ToyConfig()) -> Row:
         with torch.no_grad():
             teacher = model(xa, "a")  # cached once, before phase 2
         loss_fn = lambda: loss_b() + cfg.kl_beta * 0.5 * (model(xa, "a") - teacher).pow(2).mean()  # noqa: E731
+    elif method == "a-gem":
+        k = int(cfg.n_train * cfg.replay_fraction)
+        xa, ya = train_a[0][:k], train_a[1][:k]
+        optimizer = lambda params, lr: ProjectedAdam(params, lr, lambda: F.mse_loss(model(xa, "a"), ya))  # noqa: E731
     elif method == "mofo":
         optimizer = lambda params, lr: MoFOOptimizer(params, lr=lr, fraction=cfg.mofo_fraction)  # noqa: E731
     elif method == "ewc-lora":

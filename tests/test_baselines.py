@@ -373,3 +373,43 @@ def test_a_merge_at_lambda_0_is_the_start_and_keeping_everything_at_lambda_1_the
         variants[list(variants)[1]]()
         half = model(ids)
         assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, tuned, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- a-gem
+
+def test_a_gem_projection_removes_exactly_the_conflicting_component():
+    from methods.agem import project
+
+    g0 = torch.Generator().manual_seed(0)
+    ref = [torch.randn(5, 3, generator=g0), torch.randn(4, generator=g0)]
+    flat_ref = torch.cat([r.flatten() for r in ref])
+    conflicting = [-2 * r + 0.1 * torch.randn(r.shape, generator=g0) for r in ref]
+    new, projected = project(conflicting, ref)
+    flat_g, flat_new = torch.cat([x.flatten() for x in conflicting]), torch.cat([x.flatten() for x in new])
+    assert projected and float(flat_new @ flat_ref) == pytest.approx(0, abs=1e-4)
+    torch.testing.assert_close(flat_new, flat_g - (flat_g @ flat_ref) / (flat_ref @ flat_ref) * flat_ref)
+    agreeing = [r + 0.1 for r in ref]
+    assert project(agreeing, ref) == (agreeing, False)  # the same tensors: nothing changed
+
+
+def test_a_gem_projects_the_step_s_gradient_against_the_memory_batch_s(tiny_dir, tiny_data):
+    from methods.agem import project
+
+    cfg, method = train.parse_config(["--method", "a-gem", "--batch-size", "4", "--general-data", tiny_data[1],
+                                      "--a-gem.memory", "8"])
+    model = load_model(tiny_dir).train()
+    tok, general = general_examples(tiny_dir, tiny_data)
+    method.setup(model, run_context(cfg, tok, general))
+    assert sum(len(b["indices"]) for b in method.batches) == 8
+    batch = method.batches[1]
+    model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"]).backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    for sign in (-1, 1):  # a task gradient against the memory's, then one along it
+        task = [sign * r + 0.01 * torch.randn(r.shape, generator=torch.Generator().manual_seed(2)) for r in g_ref]
+        for p, t in zip(model.parameters(), task):
+            p.grad = t.clone()
+        loss = method.add_gradient(model, 1)
+        expected, projected = project(task, g_ref)
+        assert projected == (sign < 0) and float(loss) > 0
+        for p, e in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)

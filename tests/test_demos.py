@@ -126,3 +126,8 @@ def test_sparse_merges_of_a_tiny_layer_lose_task_b_and_keep_no_more_of_a(toy_row
     plain = toy_rows["plain"]
     for method in ("ties", "dare"):
         assert toy_rows[method].ratio > plain.ratio / 5 and toy_rows[method].loss_b_after > 10 * plain.loss_b_after
+
+
+def test_a_gem_forgets_less_than_plain_while_learning_b_as_well(toy_rows):
+    agem, plain = toy_rows["a-gem"], toy_rows["plain"]
+    assert agem.ratio < plain.ratio / 4 and agem.loss_b_after < 1.5 * plain.loss_b_after

@@ -339,7 +339,7 @@ def test_fsdp2_model_saved_by_rank_0_loads_in_one_process_with_the_sharded_logit
 COMMON = ["--max-steps", "4", "--grad-accum", "2", "--lr", "1e-3"]
 METHODS = {"full": [], "lora": ["--lora.dropout", "0"], "ewc": [], "replay": [], "l2-init": ["--l2-init.lambda", "50"],
            "mofo": ["--mofo.fraction", "0.3"], "wise-ft": ["--wise-ft.alpha", "0.5"], "kl": ["--kl.beta", "1"],
-           "ewc-lora": ["--lora.dropout", "0"],
+           "ewc-lora": ["--lora.dropout", "0"], "a-gem": ["--a-gem.memory", "8"], "ties": [], "dare": [],
            # the plug-in the README shows, from its file: a formula on whole tensors, no DTensor code
            "l1-init": ["--method-file", str(REPO / "examples" / "l1_init.py"), "--l1-init.strength", "0.01"]}
 
@@ -404,10 +404,15 @@ def test_fsdp2_outputs_are_written_once_in_the_one_process_formats(loss_runs):
     for method, output in (("full", "model"), ("lora", "adapter"), ("ewc", "model")):
         assert sorted(p.name for p in (loss_runs["fsdp", method]).iterdir()) == \
             sorted(p.name for p in (loss_runs["one", method]).iterdir())
-    for method in ("full", "wise-ft"):  # wise-ft: each rank interpolated its own shards before the gather
+    for method in ("full", "wise-ft", "ties", "dare"):  # wise-ft: each rank interpolated its own shards; ties, dare:
+        # each merged whole gathered tensors
         one, two = load_model(loss_runs["one", method] / "model"), load_model(loss_runs["fsdp", method] / "model")
         for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
+            if method == "ties":  # a trim by magnitude: an entry at the threshold may fall either side of it
+                close = torch.isclose(a, b, rtol=1e-4, atol=1e-6)
+                assert close.float().mean() >= 0.999, (name, close.float().mean())
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
     ewc_one = load_file(loss_runs["one", "ewc"] / "ewc.safetensors")
     ewc_two = load_file(loss_runs["fsdp", "ewc"] / "ewc.safetensors")
     for k in ewc_one:

@@ -153,7 +153,7 @@ def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, 
     results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3", *extra))
     files = sorted(p.name for p in out.iterdir())
     saved = "adapter" if method in ("lora", "ewc-lora", "o-lora") else "model"
-    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved]
+    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", "update_geometry.png", saved]
                            + (["ewc.safetensors"] if method == "ewc" else []))
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["total_steps"] == 3
@@ -205,7 +205,7 @@ def test_quick_eval_writes_before_after_and_comparison(tiny_dir, tiny_data, tmp_
     argv = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1", "--domain-eval", DRUG_RECALL)
     argv[argv.index("--eval") + 1] = "quick"
     results = train.main(argv)
-    assert set(results) == {"training", "base", "before", "after", "comparison"}
+    assert set(results) == {"training", "base", "before", "after", "comparison", "diagnostics"}
     rows = results["comparison"]["metrics"]
     assert {(r["task"], r["metric"]) for r in rows} == {("general_qa", "accuracy"), ("ppl", "nll"),
                                                          ("domain_recall", "accuracy"), ("domain_recall", "nll")}

@@ -1,0 +1,56 @@
+"""The update's geometry (diagnostics.py) against updates whose answer is known, and in a run's records."""
+import json
+
+import pytest
+import torch
+
+import train
+from diagnostics import matrix_geometry
+from tests.tiny import tiny_args
+
+
+def svd(seed=0, shape=(64, 48)):
+    w0 = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return (w0, *torch.linalg.svd(w0, full_matrices=False))
+
+
+def test_effective_rank_counts_the_directions_of_an_update():
+    w0, u, s, vh = svd()
+    rank_one = u[:, 20:21] @ vh[20:21] * 5
+    assert matrix_geometry(w0, rank_one)["effective_rank"] == pytest.approx(1, abs=1e-4)
+    four_equal = u[:, 10:14] @ vh[10:14]
+    assert matrix_geometry(w0, four_equal)["effective_rank"] == pytest.approx(4, abs=1e-4)
+    p = torch.tensor([3.0, 2.0, 1.0]) / 6  # σ = 3, 2, 1: exp(H(p))
+    graded = u[:, 30:33] @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ vh[30:33]
+    assert matrix_geometry(w0, graded)["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), abs=1e-4)
+
+
+def test_overlap_is_the_share_of_the_update_in_the_base_weight_s_top_directions():
+    w0, u, s, vh = svd()
+    inside = u[:, :4] @ torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) @ vh[:4]
+    outside = u[:, 16:] @ torch.randn(32, 32, generator=torch.Generator().manual_seed(2)) @ vh[16:]
+    assert matrix_geometry(w0, inside)["overlap"] == pytest.approx(1, abs=1e-4)
+    assert matrix_geometry(w0, outside)["overlap"] == pytest.approx(0, abs=1e-4)
+    half = matrix_geometry(w0, inside / inside.norm() + outside / outside.norm())
+    assert half["overlap"] == pytest.approx(0.5, abs=1e-3)
+    noise = matrix_geometry(w0, torch.randn(64, 48, generator=torch.Generator().manual_seed(3)))
+    assert noise["overlap_chance"] == 16 * 16 / (64 * 48) and abs(noise["overlap"] - noise["overlap_chance"]) < 0.03
+    assert noise["relative"] == pytest.approx(float(torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+                                                    .norm() / w0.norm()))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_run_records_the_geometry_of_every_weight_it_changed(tiny_dir, tiny_data, tmp_path, method):
+    out = tmp_path / "run"
+    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "2", "--lr", "1e-2"))
+    recorded = json.loads((out / "results.json").read_text())["diagnostics"]["update_geometry"]
+    assert recorded == results["diagnostics"]["update_geometry"] and recorded["top_k"] == 16
+    matrices = recorded["matrices"]
+    assert "model.layers.1.mlp.down_proj.weight" in matrices and "model.embed_tokens.weight" in matrices
+    changed = {n for n, g in matrices.items() if g["norm"] > 0}
+    if method == "lora":  # only the adapted q and v projections move
+        assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qv"}
+        assert all(matrices[n]["effective_rank"] <= 16 + 1e-6 for n in changed)
+    else:
+        assert len(changed) == len(matrices)
+    assert "## The update's geometry" in (out / "report.md").read_text() and (out / "update_geometry.png").is_file()
