@@ -85,8 +85,8 @@ def by_module(geometry: dict) -> dict[str, dict]:
 
 def geometry_md(geometry: dict) -> str:
     """The report's section: per module kind, the medians over layers."""
-    rows = "".join(f"| {kind} | {g['relative']:.2e} | {g['effective_rank']:.1f} | {g['overlap']:.4f} | "
-                   f"{g['overlap_chance']:.4f} |\n" for kind, g in by_module(geometry).items())
+    rows = "".join(f"| {kind} | {g['relative']:.2e} | {g['effective_rank']:.1f} | {g['overlap']:.3g} | "
+                   f"{g['overlap_chance']:.3g} |\n" for kind, g in by_module(geometry).items())
     return (f"## The update's geometry\n\nMedians over layers (diagnostics.py; per matrix in results.json "
             f"\"diagnostics\"): ‖ΔW‖/‖W₀‖, the effective rank of ΔW, and the share of ΔW's energy in W₀'s top "
             f"{geometry['top_k']} singular directions, against what an update with no preferred direction would "
