@@ -18,7 +18,8 @@ def test_a_committed_run_report_is_rebuilt_from_its_results_byte_for_byte(run, t
     results = json.loads((run / "results.json").read_text())
     variants = {label: v["after"] for label, v in results.get("after_variants", {}).items()} or None
     method = types.SimpleNamespace(name=results["training"]["method"])
-    outputs.write_results(tmp_path, method, results["before"], results["after"], results["training"], variants)
+    outputs.write_results(tmp_path, method, results["before"], results["after"], results["training"], variants,
+                          results.get("base"), results.get("diagnostics"))
     assert (tmp_path / "report.md").read_text() == (run / "report.md").read_text()
 
 
