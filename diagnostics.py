@@ -1,4 +1,5 @@
-"""Forgetting diagnostics of a fine-tune, computed after training and kept in results.json "diagnostics".
+"""Forgetting diagnostics of a fine-tune, computed after training and kept in results.json "diagnostics":
+the update's geometry and the KL to the base model on the new task's prompts.
 
 The update's geometry, per weight matrix W₀ (every 2-D weight: the decoder's projections and the embedding)
 and its update ΔW = W_ft − W₀ (a LoRA run's ΔW = s·B·A, the adapter folded in):
@@ -19,12 +20,19 @@ randomized top-k SVD of W₀ (Halko et al. 2011, torch.svd_lowrank, a fixed seed
 import os
 from pathlib import Path
 
+import random
+
 import torch
+import torch.nn.functional as F
 
 from lora import lora_modules
+from model import eval_mode, generate_ids
 from model.checkpoint import read_tensors, weight_files
+from model.llama import IGNORE_INDEX
+from stats import format_interval, mean_interval
 
 TOP_K = 16  # W₀'s singular directions the overlap counts
+KL_PROMPTS, KL_NEW_TOKENS = 32, 32  # the new task's prompts the KL is taken on, and the base's sample length
 
 
 def effective_weights(model) -> dict[str, torch.Tensor]:
@@ -121,3 +129,55 @@ def geometry_figure(geometry: dict, file):
     fig.savefig(tmp, dpi=100, metadata={"Software": None})  # no version string: same records, same bytes
     plt.close(fig)
     os.replace(tmp, file)
+
+
+def task_prompts(examples: list[dict], seed: int, n: int = KL_PROMPTS) -> list[list[int]]:
+    """The prompts (the tokens before the first labelled one) of n training examples drawn by the seed."""
+    rows = random.Random(seed).sample(range(len(examples)), min(n, len(examples)))
+    prompts = []
+    for i in sorted(rows):
+        labels = examples[i]["labels"]
+        start = next(t for t, y in enumerate(labels) if y != IGNORE_INDEX)
+        prompts.append(list(examples[i]["input_ids"][:start]))
+    return prompts
+
+
+@torch.no_grad()
+def kl_to_base(model, base, prompts: list[list[int]], stop_ids, pad_id: int, seed: int = 0,
+               max_new_tokens: int = KL_NEW_TOKENS) -> dict:
+    """RL's Razor's predictor of forgetting (Shenfeld, Pari & Agrawal 2025): the forward KL from the base policy
+    π₀ to the fine-tuned π on the new task's prompts x,
+
+        KL(π₀ ‖ π) = E_x E_{y∼π₀(·|x)} Σ_t KL(π₀(·|x, y<t) ‖ π(·|x, y<t))
+
+    by the chain rule the sequence-level KL, estimated with one sample y of the base model per prompt
+    (temperature 1, seeded, at most max_new_tokens, its stop token's position included) and each position's KL
+    exact over the vocabulary. Returns {"kl", "kl_ci" (a t interval over prompts), "n", "max_new_tokens",
+    "per_prompt"}: nats per prompt."""
+    device = model.model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with eval_mode(base):
+        samples = generate_ids(base, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, generator=generator)
+    rows = [x + y for x, y in zip(prompts, samples)]
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # right-padded: causal attention never lets a real token see a pad
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    per_prompt = []
+    with eval_mode(model), eval_mode(base):
+        h0 = base.hidden(ids.to(device), attention_mask=mask.to(device))
+        h = model.hidden(ids.to(device), attention_mask=mask.to(device))
+        for i, (x, y) in enumerate(zip(prompts, samples)):
+            n = len(y) + 1 if len(y) < max_new_tokens else len(y)  # the distributions y (and its stop) came from
+            where = slice(len(x) - 1, len(x) - 1 + n)
+            log_p0 = F.log_softmax(base.lm_head(h0[i, where]).float(), -1)
+            log_p = F.log_softmax(model.lm_head(h[i, where]).float(), -1)
+            per_prompt.append(float((log_p0.exp() * (log_p0 - log_p)).sum()))
+    kl, lo, hi = mean_interval(per_prompt)
+    return dict(kl=kl, kl_ci=[None, None] if len(per_prompt) < 2 else [lo, hi], n=len(per_prompt), max_new_tokens=max_new_tokens, per_prompt=per_prompt)
+
+
+def kl_md(kl: dict) -> str:
+    return (f"## KL to the base model on the new task\n\nKL(π₀ ‖ π) on {kl['n']} of the training prompts, along "
+            f"one sample of the base model each (at most {kl['max_new_tokens']} tokens; diagnostics.kl_to_base): "
+            f"{format_interval(kl['kl'], *kl['kl_ci'])} nats per prompt (95% t interval over prompts).\n\n")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import distributed
-from diagnostics import geometry_figure, geometry_md
+from diagnostics import geometry_figure, geometry_md, kl_md
 from errors import REPO, ForgetlabError, no_space_error, read_json_object, recorded_path
 from eval import compare_forgetting, format_report
 from lora import lora_state_dict, save_adapter
@@ -166,7 +166,8 @@ def write_results(out: Path, method, before, after, summary: dict, variants: dic
     variants ({label: evaluation}, Method.variants, e.g. wise-ft's alpha=0.25): each compared with "before" in
     its own report section, and kept in results.json "after_variants" as {label: {after, comparison}}. base: the
     evaluation's level, split and base weights (eval.py --compare pairs two runs only when they agree).
-    diagnostics: {"update_geometry": diagnostics.update_geometry(...)}, its section and update_geometry.png."""
+    diagnostics: {"update_geometry": ..., "kl_to_base": ...} (diagnostics.py): their sections and
+    update_geometry.png."""
     results = dict(training=summary)
     report = f"# forgetlab: {method.name}\n\n"
     if before is not None:
@@ -179,11 +180,13 @@ def write_results(out: Path, method, before, after, summary: dict, variants: dic
                 c = compare_forgetting(before, evaluation)
                 results["after_variants"][label] = dict(after=evaluation, comparison=c)
                 report += f"## {method.name} {label}\n\n" + format_report(c) + "\n\n"
-    geometry = (diagnostics or {}).get("update_geometry")
-    if geometry:
+    if diagnostics:
         results["diagnostics"] = diagnostics
-        report += geometry_md(geometry)
-        geometry_figure(geometry, out / "update_geometry.png")
+        if diagnostics.get("kl_to_base"):
+            report += kl_md(diagnostics["kl_to_base"])
+        if diagnostics.get("update_geometry"):
+            report += geometry_md(diagnostics["update_geometry"])
+            geometry_figure(diagnostics["update_geometry"], out / "update_geometry.png")
     report += training_summary_md(summary)
     write_atomic_text(out / "results.json", json.dumps(results, indent=2))
     write_atomic_text(out / "report.md", report)

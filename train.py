@@ -43,14 +43,14 @@ from tqdm import tqdm
 
 import distributed
 from data import create_replay_dataset, load_dataset, micro_batch_stream, split_held_out, tokenize_dataset
-from diagnostics import base_weights, effective_weights, update_geometry
+from diagnostics import base_weights, effective_weights, kl_to_base, task_prompts, update_geometry
 from errors import ForgetlabError, recorded_path, run_cli
 from eval import DOMAIN_TASKS, LEVELS, TASKS, evaluate, load_task_rows
 from loggers import MetricLoggers
 from methods import Method
 from methods.lora import check_lora_targets
 from model import load_pretrained
-from model.checkpoint import weights_sha256
+from model.checkpoint import load_model, weights_sha256
 from outputs import (cached_evaluation, provenance, read_before, run_directory, run_summary, save_outputs,
                      write_config, write_results)
 from train_config import TrainConfig, output_dir, parse_config, resolve_device, run_context
@@ -96,13 +96,14 @@ def main(argv=None):
         model.eval()
 
         # -- save, evaluate again, report
-        after, variants, geometry = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds)
+        after, variants, diagnostics = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds,
+                                                               task_prompts(data.domain, cfg.seed))
         if not distributed.is_main():
             return None
         summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start, before)
         base = before and {k: before[k] for k in ("eval", "eval_split", "weights_sha256")}
         results = write_results(out, method, before and before["results"], after, summary,
-                                variants if before else None, base, dict(update_geometry=geometry))
+                                variants if before else None, base, diagnostics)
         log.log_evaluation(results.get("comparison"), run.step)
         log.close()
         return results
@@ -343,9 +344,10 @@ def scalar_or_none(method, hook: str, extra, step: int):
                          f"scalar tensor or None")
 
 
-def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: str, seconds: dict):
-    """Save the model or adapter, measure its update's geometry, then evaluate it and each of the method's
-    variants (e.g. WiSE-FT's alphas). Returns (after, {label: evaluation}, the geometry: rank 0's, else None).
+def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: str, seconds: dict, prompts: list):
+    """Save the model or adapter, take its diagnostics against the base model (the update's geometry, the KL on
+    the new task's `prompts`), then evaluate it and each of the method's variants (e.g. WiSE-FT's alphas).
+    Returns (after, {label: evaluation}, the diagnostics: rank 0's, else None).
     Several processes: rank 0 works on the whole model (FSDP2's shards gathered) while the others wait."""
     with timed(seconds, "save"):
         if (bad := count_nonfinite(model)):  # e.g. --lr so large that the last update overflowed
@@ -356,11 +358,14 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
             final = final.to(device)
             save_outputs(final, tok, cfg, out)
         method.save(out)  # on every rank: a sharded state is gathered first (EWC writes from rank 0)
-    geometry = None
+    diagnostics = None
     with timed(seconds, "diagnostics"):
         if distributed.is_main():  # the saved model against the base it started from (diagnostics.py)
             tuned = effective_weights(final)
-            geometry = update_geometry(base_weights(Path(tok.source), tuned), tuned)
+            base = load_model(Path(tok.source), device=device)
+            diagnostics = dict(update_geometry=update_geometry(base_weights(Path(tok.source), tuned), tuned),
+                               kl_to_base=kl_to_base(final, base, prompts, tok.stop_ids, tok.pad_id, seed=cfg.seed))
+            del base
     after, variants = None, {}
     with timed(seconds, "eval_after"):
         if distributed.is_main():
@@ -369,7 +374,7 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
                 apply()
                 variants[label] = run_eval(final, tok, cfg, f"after, {label}")
         distributed.barrier()
-    return after, variants, geometry
+    return after, variants, diagnostics
 
 
 def domain_evaluation(cfg) -> dict:

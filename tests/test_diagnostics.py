@@ -54,3 +54,37 @@ def test_a_run_records_the_geometry_of_every_weight_it_changed(tiny_dir, tiny_da
     else:
         assert len(changed) == len(matrices)
     assert "## The update's geometry" in (out / "report.md").read_text() and (out / "update_geometry.png").is_file()
+
+
+# ----------------------------------------------------------------------------- KL to the base model
+
+def test_kl_to_base_is_zero_for_the_base_itself_and_the_chain_rule_s_exact_value_on_average():
+    from diagnostics import kl_to_base
+    from tests.tiny import tiny_llama
+
+    base, tuned = tiny_llama(std=0.3), tiny_llama(std=0.3)
+    with torch.no_grad():
+        for p, q in zip(tuned.parameters(), tiny_llama(seed=1, std=0.3).parameters()):
+            p.lerp_(q, 0.3)  # a fine-tune: the base moved part of the way elsewhere
+    x = [5, 9, 2]
+    same = kl_to_base(base, tiny_llama(std=0.3), [x] * 4, stop_ids=[], pad_id=0, max_new_tokens=2)
+    assert same["per_prompt"] == [0.0] * 4 and same["n"] == 4
+    est = kl_to_base(tuned, base, [x] * 300, stop_ids=[], pad_id=0, max_new_tokens=2, seed=3)
+    # exact KL of the two-token continuations: KL at the first position + E_{y1 ~ p0} KL at the second
+    with torch.no_grad():
+        lp0, lp = (m(torch.tensor([x]))[0, -1].log_softmax(-1) for m in (base, tuned))
+        first = float((lp0.exp() * (lp0 - lp)).sum())
+        ids = torch.tensor([x + [v] for v in range(lp0.numel())])
+        lq0, lq = (m(ids)[:, -1].log_softmax(-1) for m in (base, tuned))
+        second = float((lp0.exp() * (lq0.exp() * (lq0 - lq)).sum(-1)).sum())
+    values = torch.tensor(est["per_prompt"])
+    se = float(values.std() / len(values) ** 0.5)
+    assert first + second > 0.05 and abs(est["kl"] - (first + second)) < 4 * se
+
+
+def test_a_run_records_the_kl_to_its_base_on_its_training_prompts(tiny_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "full", "--max-steps", "2", "--lr", "1e-2"))
+    kl = json.loads((out / "results.json").read_text())["diagnostics"]["kl_to_base"]
+    assert kl["n"] == len(kl["per_prompt"]) >= 2 and kl["kl"] > 0 and kl["kl_ci"][0] <= kl["kl"] <= kl["kl_ci"][1]
+    assert "## KL to the base model on the new task" in (out / "report.md").read_text()
