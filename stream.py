@@ -65,7 +65,8 @@ from train_state import (Progress, file_record, find_resumable, fsync_dir, read_
 
 DEFAULT_BENCHMARK = REPO.parent / "shared" / "data" / "cl" / "cl500"
 # train.py flags that name a single fine-tune's data or evaluation: a stream has its own (--order, --general-eval)
-NOT_IN_A_STREAM = ("--data", "--eval", "--eval-split", "--before", "--replay-fraction", "--fsdp", "--backend")
+NOT_IN_A_STREAM = ("--data", "--eval", "--eval-split", "--before", "--replay-fraction", "--fsdp", "--backend",
+                   "--realign-steps")
 
 
 @dataclass

@@ -29,6 +29,7 @@ config.json records world_size, backend and fsdp.
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -42,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from data import create_replay_dataset, load_dataset, micro_batch_stream, split_held_out, tokenize_dataset
+from data import (batches_by_length, create_replay_dataset, load_dataset, micro_batch_stream, split_held_out,
+                  tokenize_dataset)
 from diagnostics import base_weights, effective_weights, kl_to_base, task_prompts, update_geometry
 from errors import ForgetlabError, recorded_path, run_cli
 from eval import DOMAIN_TASKS, LEVELS, TASKS, evaluate, load_task_rows
@@ -97,7 +99,7 @@ def main(argv=None):
 
         # -- save, evaluate again, report
         after, variants, diagnostics = save_and_evaluate_after(model, twin, tok, cfg, method, out, device, seconds,
-                                                               task_prompts(data.domain, cfg.seed))
+                                                               data)
         if not distributed.is_main():
             return None
         summary = run_summary(method, counts, data, run, seconds, tokens_now, t_start, before)
@@ -137,7 +139,7 @@ class Data:
 def load_inputs(cfg, method, device) -> tuple:
     """(model, tokenizer, Data): every input read and checked, before anything slow happens or anything is
     written. The data files are read first, so that a bad one fails before the model is even loaded."""
-    needs_general = method.needs_general_data or cfg.replay_fraction > 0
+    needs_general = method.needs_general_data or cfg.replay_fraction > 0 or cfg.realign_steps > 0
     domain_rows = load_dataset(cfg.data)
     if cfg.domain_eval:  # its rows checked now, not after the training
         load_task_rows("domain_recall", cfg.domain_eval)
@@ -344,10 +346,11 @@ def scalar_or_none(method, hook: str, extra, step: int):
                          f"scalar tensor or None")
 
 
-def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: str, seconds: dict, prompts: list):
+def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: str, seconds: dict, data: Data):
     """Save the model or adapter, take its diagnostics against the base model (the update's geometry, the KL on
-    the new task's `prompts`), then evaluate it and each of the method's variants (e.g. WiSE-FT's alphas).
-    Returns (after, {label: evaluation}, the diagnostics: rank 0's, else None).
+    prompts of the training set), then evaluate it, its re-aligned copy (--realign-steps) and each of the
+    method's variants (e.g. WiSE-FT's alphas). Returns (after, {label: evaluation}, the diagnostics: rank 0's,
+    else None).
     Several processes: rank 0 works on the whole model (FSDP2's shards gathered) while the others wait."""
     with timed(seconds, "save"):
         if (bad := count_nonfinite(model)):  # e.g. --lr so large that the last update overflowed
@@ -364,17 +367,42 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
             tuned = effective_weights(final)
             base = load_model(Path(tok.source), device=device)
             diagnostics = dict(update_geometry=update_geometry(base_weights(Path(tok.source), tuned), tuned),
-                               kl_to_base=kl_to_base(final, base, prompts, tok.stop_ids, tok.pad_id, seed=cfg.seed))
+                               kl_to_base=kl_to_base(final, base, task_prompts(data.domain, cfg.seed), tok.stop_ids,
+                                                     tok.pad_id, seed=cfg.seed))
             del base
     after, variants = None, {}
     with timed(seconds, "eval_after"):
         if distributed.is_main():
             after = run_eval(final, tok, cfg, "after")
+            if cfg.realign_steps:  # before the variants, which change `final`
+                label = f"re-aligned ({cfg.realign_steps} steps on general data)"
+                variants[label] = run_eval(realigned(final, data.general, cfg, tok.pad_id), tok, cfg, f"after, {label}")
             for label, apply in method.variants(final).items():  # after the save: the saved model is the final one
                 apply()
                 variants[label] = run_eval(final, tok, cfg, f"after, {label}")
         distributed.barrier()
     return after, variants, diagnostics
+
+
+def realigned(model, general: list, cfg, pad_id: int):
+    """Spurious or real forgetting (Zheng et al. 2025, "Spurious Forgetting in Continual Learning of Language
+    Models"): a copy of the fine-tuned model whose trainable parameters (a LoRA run's: the adapters) take
+    cfg.realign_steps AdamW steps (--lr, constant) on batches of the general examples (by the seed, cycled).
+    Ability that comes back within a few steps was a lost alignment (the format), not lost knowledge. The model
+    itself is unchanged."""
+    twin = copy.deepcopy(model).train()
+    params = [p for p in twin.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+    batches = batches_by_length(general, cfg.batch_size, pad_id, seed=cfg.seed)
+    device = params[0].device
+    for step in range(cfg.realign_steps):
+        b = batches[step % len(batches)]
+        loss = twin(b["input_ids"].to(device), labels=b["labels"].to(device),
+                    attention_mask=b["attention_mask"].to(device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return twin.eval()
 
 
 def domain_evaluation(cfg) -> dict:

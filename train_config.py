@@ -58,6 +58,9 @@ class TrainConfig:
     eval: str = arg("full", "before/after evaluation: an eval.py --level (full, quick: see eval.LEVELS) on the test "
                             "split, or none",
                     choices=("full", "quick", "study", "none"))
+    realign_steps: int = arg(0, "spurious or real forgetting (Zheng et al. 2025): after the final evaluation, "
+                                "fine-tune a copy of the model this many steps on --general-data and evaluate "
+                                "it again, its own report section; 0 = off")
     domain_eval: str | None = arg(None, "JSONL rows like data/domain_recall.jsonl (prompt, completion, answer) that "
                                         "measure the domain in place of the drug sets; without it, a run on your "
                                         "own --data is measured on the tenth of it kept out of training")
@@ -104,7 +107,8 @@ def recorded_config(cfg) -> dict:
 
 # Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
 RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_split", "before", "eval_cache",
-                     "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend", "log")
+                     "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend", "log",
+                     "realign_steps")
 
 
 def describe_methods() -> str:
@@ -190,6 +194,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, object]:
               (cfg.max_steps >= 0, "--max-steps must be >= 0"),
               (0 <= cfg.warmup < 1, "--warmup must be in [0, 1)"),
               (cfg.replay_fraction >= 0, "--replay-fraction must be >= 0"),
+              (cfg.realign_steps >= 0, "--realign-steps must be >= 0"),
+              (cfg.realign_steps == 0 or cfg.eval != "none", "--realign-steps needs an evaluation (--eval)"),
               (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
               (0 <= cfg.beta1 < 1, "--beta1 must be in [0, 1)"),
               (not 0 <= cfg.beta1 < 1 or cfg.lr / (1 - cfg.beta1) < torch.finfo(torch.float32).max,

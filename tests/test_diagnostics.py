@@ -88,3 +88,34 @@ def test_a_run_records_the_kl_to_its_base_on_its_training_prompts(tiny_dir, tiny
     kl = json.loads((out / "results.json").read_text())["diagnostics"]["kl_to_base"]
     assert kl["n"] == len(kl["per_prompt"]) >= 2 and kl["kl"] > 0 and kl["kl_ci"][0] <= kl["kl"] <= kl["kl_ci"][1]
     assert "## KL to the base model on the new task" in (out / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- spurious forgetting
+
+def test_realignment_is_evaluated_on_a_copy_and_leaves_the_run_s_model_and_after_alone(tiny_dir, tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    import eval as ev
+
+    monkeypatch.setitem(ev.LEVELS, "quick", {"general_qa": 2, "ppl": 2, "domain_recall": 2})
+
+    def run(name, *extra):
+        argv = tiny_args(tiny_dir, tiny_data, tmp_path / name, "--method", "full", "--max-steps", "2", "--lr", "1e-2",
+                         *extra)
+        argv[argv.index("--eval") + 1] = "quick"
+        return train.main(argv)
+
+    plain, realigned = run("plain"), run("realigned", "--realign-steps", "3")
+    label = "re-aligned (3 steps on general data)"
+    assert list(realigned["after_variants"]) == [label]
+    assert realigned["after"]["ppl"]["nll"] == plain["after"]["ppl"]["nll"]  # the saved model is the run's own
+    assert realigned["after_variants"][label]["after"]["ppl"]["nll"] != plain["after"]["ppl"]["nll"]
+    assert f"## full {label}" in (tmp_path / "realigned" / "report.md").read_text()
+    assert (tmp_path / "plain" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "realigned" / "model" / "model.safetensors").read_bytes()
+
+
+def test_realign_steps_needs_an_evaluation():
+    from errors import ForgetlabError
+
+    with pytest.raises(ForgetlabError, match="--realign-steps needs an evaluation"):
+        train.parse_config(["--realign-steps", "2", "--eval", "none"])

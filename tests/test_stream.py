@@ -248,6 +248,7 @@ def test_a_stream_stopped_between_stages_resumes_from_the_snapshot(tiny_dir, ben
     (["--order", "9"], "neither a task nor an order"),
     (["--order", "colors,colors"], "appears twice"),
     (["--order", "1", "--data", "x.jsonl"], "--data: not a stream flag"),
+    (["--order", "1", "--realign-steps", "2"], "--realign-steps: not a stream flag"),
     (["--order", "1", "--joint", "--replay", "2"], "--replay with --joint"),
     (["--order", "1", "--method", "self-replay"], "rewrites --replay-fraction"),
     (["--order", "1", "--max-len", "8"], "too short for task"),
