@@ -25,6 +25,8 @@ class DARE(TaskVectorMerge):
     draws the same masks for the same drop rate. methods/merging.py says which model is saved and what
     --dare.settings and a task stream do."""
 
+    knob = "drop"
+
     @dataclass
     class Options:
         drop: float = option(0.9, "p: probability of dropping each task-vector entry (the rest scaled by 1/(1-p))",
@@ -38,11 +40,6 @@ class DARE(TaskVectorMerge):
             pairs = [(self.drop, self.lambda_), *parse_settings(self.settings, "--dare.settings", ("drop", "lambda"))]
             check_all([(all(0 <= p < 1 for p, _ in pairs), "--dare.drop (and each of --dare.settings' drop rates) "
                                                            "must be in [0, 1)")])
-
-    def settings(self):
-        o = self.options
-        pairs = [(o.drop, o.lambda_), *parse_settings(o.settings, "--dare.settings", ("drop", "lambda"))]
-        return [(p, f"drop={p[0]:g},lambda={p[1]:g}") for p in pairs]
 
     def merge(self, index, tau, setting):
         drop, lam = setting

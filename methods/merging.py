@@ -28,13 +28,18 @@ def parse_settings(text: str, flag: str, names: tuple[str, str]) -> list[tuple[f
 
 
 class TaskVectorMerge(Method):
-    """θ = θ₀ + λ·merge(θ_ft − θ₀) over every trainable parameter, after training. A subclass defines
-    `merge(index, tau, setting)` and `settings()`, the (setting, label) pairs: the first is the saved model's."""
+    """θ = θ₀ + λ·merge(θ_ft − θ₀) over every trainable parameter, after training. A subclass names its `knob`
+    and defines `merge(index, tau, setting)`, setting = (knob's value, λ)."""
 
     param_state = ("theta0",)
+    knob = ""  # the option each setting pairs with λ: "density" (ties), "drop" (dare); Options has it and lambda_
 
     def settings(self) -> list[tuple[tuple, str]]:
-        raise NotImplementedError
+        """[((knob, λ), label)]: the options' own pair first (the saved model), then --NAME.settings' pairs."""
+        o = self.options
+        pairs = [(getattr(o, self.knob), o.lambda_),
+                 *parse_settings(o.settings, f"--{self.name}.settings", (self.knob, "lambda"))]
+        return [(p, f"{self.knob}={p[0]:g},lambda={p[1]:g}") for p in pairs]
 
     def merge(self, index: int, tau: torch.Tensor, setting: tuple) -> torch.Tensor:
         """The merged task vector of parameter number `index` (a whole tensor, on every rank alike)."""

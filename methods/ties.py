@@ -38,6 +38,8 @@ class TIES(TaskVectorMerge):
     parameter tensor trimmed on its own. methods/merging.py says which model is saved and what --ties.settings
     and a task stream do."""
 
+    knob = "density"
+
     @dataclass
     class Options:
         density: float = option(0.2, "fraction of each tensor's task-vector entries kept (largest magnitude)",
@@ -52,11 +54,6 @@ class TIES(TaskVectorMerge):
                                                                    ("density", "lambda"))]
             check_all([(all(0 < d <= 1 for d, _ in pairs), "--ties.density (and each of --ties.settings' "
                                                            "densities) must be in (0, 1]")])
-
-    def settings(self):
-        o = self.options
-        pairs = [(o.density, o.lambda_), *parse_settings(o.settings, "--ties.settings", ("density", "lambda"))]
-        return [(p, f"density={p[0]:g},lambda={p[1]:g}") for p in pairs]
 
     def merge(self, index, tau, setting):
         density, lam = setting
