@@ -132,13 +132,14 @@ def geometry_figure(geometry: dict, file):
 
 
 def task_prompts(examples: list[dict], seed: int, n: int = KL_PROMPTS) -> list[list[int]]:
-    """The prompts (the tokens before the first labelled one) of n training examples drawn by the seed."""
+    """The prompts (the tokens before the first labelled one; at least the first token, for a text example whose
+    every token is labelled) of n training examples drawn by the seed."""
     rows = random.Random(seed).sample(range(len(examples)), min(n, len(examples)))
     prompts = []
     for i in sorted(rows):
         labels = examples[i]["labels"]
         start = next(t for t, y in enumerate(labels) if y != IGNORE_INDEX)
-        prompts.append(list(examples[i]["input_ids"][:start]))
+        prompts.append(list(examples[i]["input_ids"][:max(start, 1)]))
     return prompts
 
 

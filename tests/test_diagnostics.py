@@ -119,3 +119,11 @@ def test_realign_steps_needs_an_evaluation():
 
     with pytest.raises(ForgetlabError, match="--realign-steps needs an evaluation"):
         train.parse_config(["--realign-steps", "2", "--eval", "none"])
+
+
+def test_the_kl_prompts_are_the_tokens_before_the_answer_and_a_text_example_s_first_token():
+    from diagnostics import task_prompts
+
+    chat = dict(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, -100, 4, 5])
+    text = dict(input_ids=[7, 8, 9], labels=[7, 8, 9])
+    assert task_prompts([chat, text], seed=0) == [[1, 2, 3], [7]]
