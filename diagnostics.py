@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from lora import lora_modules
 from model import eval_mode, generate_ids
-from model.checkpoint import read_tensors, weight_files
 from model.llama import IGNORE_INDEX
 from stats import format_interval, mean_interval
 
@@ -41,15 +40,6 @@ def effective_weights(model) -> dict[str, torch.Tensor]:
     for name, m in lora_modules(model).items():
         weights[f"{name}.weight"] = m.merged_weight().detach()
     return weights
-
-
-def base_weights(model_dir, names) -> dict[str, torch.Tensor]:
-    """The named tensors of the model directory's safetensors, in float32 (the base a run started from)."""
-    by_file: dict = {}
-    for name, file in weight_files(model_dir).items():
-        if name in names:
-            by_file.setdefault(file, []).append(name)
-    return {n: t for file, ns in by_file.items() for n, t in read_tensors(file, ns, dtype=torch.float32).items()}
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from tqdm import tqdm
 import distributed
 from data import (batches_by_length, create_replay_dataset, load_dataset, micro_batch_stream, split_held_out,
                   tokenize_dataset)
-from diagnostics import base_weights, effective_weights, kl_to_base, task_prompts, update_geometry
+from diagnostics import effective_weights, kl_to_base, task_prompts, update_geometry
 from errors import ForgetlabError, recorded_path, run_cli
 from eval import DOMAIN_TASKS, LEVELS, TASKS, evaluate, load_task_rows
 from loggers import MetricLoggers
@@ -365,8 +365,8 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
     with timed(seconds, "diagnostics"):
         if distributed.is_main():  # the saved model against the base it started from (diagnostics.py)
             tuned = effective_weights(final)
-            base = load_model(Path(tok.source), device=device)
-            diagnostics = dict(update_geometry=update_geometry(base_weights(Path(tok.source), tuned), tuned),
+            base = load_model(Path(tok.source), device=device)  # read once: the geometry's W₀ and the KL's π₀
+            diagnostics = dict(update_geometry=update_geometry(effective_weights(base), tuned),
                                kl_to_base=kl_to_base(final, base, task_prompts(data.domain, cfg.seed), tok.stop_ids,
                                                      tok.pad_id, seed=cfg.seed))
             del base
