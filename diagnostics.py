@@ -168,6 +168,21 @@ def kl_to_base(model, base, prompts: list[list[int]], stop_ids, pad_id: int, see
     return dict(kl=kl, kl_ci=[None, None] if len(per_prompt) < 2 else [lo, hi], n=len(per_prompt), max_new_tokens=max_new_tokens, per_prompt=per_prompt)
 
 
+def diagnose(model, base, examples: list[dict], tok, seed: int) -> dict:
+    """Both diagnostics of `model` against the `base` it was fine-tuned from, the KL on prompts of `examples`."""
+    return dict(update_geometry=update_geometry(effective_weights(base), effective_weights(model)),
+                kl_to_base=kl_to_base(model, base, task_prompts(examples, seed), tok.stop_ids, tok.pad_id, seed=seed))
+
+
+def geometry_medians(geometry: dict) -> dict:
+    """The medians over every matrix: relative norm, effective rank, and overlap over its chance level."""
+    rows = list(geometry["matrices"].values())
+    median = lambda xs: float(torch.tensor(xs, dtype=torch.float64).median())  # noqa: E731
+    return dict(relative=median([g["relative"] for g in rows]),
+                effective_rank=median([g["effective_rank"] for g in rows]),
+                overlap_ratio=median([g["overlap"] / g["overlap_chance"] for g in rows]))
+
+
 def kl_md(kl: dict) -> str:
     return (f"## KL to the base model on the new task\n\nKL(π₀ ‖ π) on {kl['n']} of the training prompts, along "
             f"one sample of the base model each (at most {kl['max_new_tokens']} tokens; diagnostics.kl_to_base): "

@@ -159,6 +159,49 @@ def paired_bootstrap(before, after, weights=None, n_boot: int = 2000, seed: int 
     return (delta, float(lo), float(hi))
 
 
+def spearman(x, y) -> float:
+    """Spearman's rank correlation ρ: Pearson's correlation of the ranks (ties share their mean rank); nan when
+    either side is constant or there are fewer than 2 pairs."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for value in np.unique(v):  # ties: their mean rank
+            r[v == value] = r[v == value].mean()
+        return r
+    if len(x) != len(y):
+        raise ValueError(f"lengths differ: {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return math.nan
+    a, b = ranks(x), ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denominator if denominator > 0 else math.nan
+
+
+def clustered_rank_correlation(clusters: list, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Spearman's ρ over every (x, y) pair of `clusters` (lists of pairs: e.g. the stages of one run), with a
+    bootstrap interval that resamples whole clusters with replacement: pairs of one cluster share its model, so
+    they are not independent draws. {"rho", "ci" ([lo, hi]; None with fewer than 3 clusters), "n_pairs",
+    "n_clusters"}. Deterministic in seed."""
+    clusters = [list(c) for c in clusters if len(c)]
+    pairs = [p for c in clusters for p in c]
+    rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    ci = None
+    if len(clusters) >= 3:
+        rng = np.random.default_rng(seed)
+        boots = []
+        for _ in range(n_boot):
+            draw = [p for i in rng.integers(0, len(clusters), len(clusters)) for p in clusters[i]]
+            boots.append(spearman([p[0] for p in draw], [p[1] for p in draw]))
+        boots = np.asarray(boots)
+        boots = boots[np.isfinite(boots)]  # a resample whose values are all tied has no ρ
+        if boots.size:
+            ci = [float(q) for q in np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])]
+    return dict(rho=rho, ci=ci, n_pairs=len(pairs), n_clusters=len(clusters))
+
+
 def _paired_counts(before, after) -> tuple[int, int, int, int]:
     """(both right, right→wrong, wrong→right, both wrong) for paired binary outcomes."""
     if len(before) != len(after):

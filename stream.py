@@ -13,7 +13,10 @@ The stream: evaluate the base model on every task's test rows and the general-ab
 like train.py's "before") -> for each task in order: train on it with the method, exactly as train.py trains one
 fine-tune -> evaluate every task of the stream and the general level again -> the accuracy matrix R[i][j] (after
 stage i, on task j), average accuracy, backward and forward transfer and forgetting with their intervals
-(stream_metrics.py) -> results.json, matrix.csv, matrix.png, report.md (stream_outputs.py). `main` reads as these
+(stream_metrics.py) -> results.json, matrix.csv, matrix.png, report.md (stream_outputs.py). After each stage its
+diagnostics (diagnostics.py; --diagnostics none skips them) are taken against the stage's start: the update's
+geometry and the KL on the stage's training prompts, read in the report against what the stage did to the tasks
+before it. `main` reads as these
 phases; the functions follow in the order it calls them.
 
 Each stage is one train.py fine-tune of the stage's task: the same loop (train.train), a fresh AdamW and learning-
@@ -32,6 +35,7 @@ model and the method's state (state/stage-<k>/, sha256-checked, nothing pickled)
 function of (seed, stage), and within a stage train.py's checkpoints (--save-every) hold the rest.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -48,6 +52,7 @@ from safetensors.torch import save_file
 
 import train
 from data import load_dataset, micro_batch_stream, tokenize_dataset
+from diagnostics import diagnose
 from errors import REPO, ArgumentParser, ForgetlabError, check_names, recorded_path, run_cli
 from eval import LEVELS, evaluate
 from lora import adapter_settings, apply_lora, lora_modules, merge_lora
@@ -339,11 +344,14 @@ def train_stage(k: int, task: str, data, model, method, tok, cfg, general, devic
     stage_cfg = dataclasses.replace(cfg, seed=seed)
     run_ctx = dataclasses.replace(run_context(stage_cfg, tok, data, device), stage=k - 1, stages=len(config["stages"]),
                                   task=task, general=general)
+    # the stage's start, for its diagnostics: a resumed stage starts from the previous stage's snapshot again
+    start = copy.deepcopy(model).eval().requires_grad_(False) if cfg.diagnostics == "all" else None
     model.requires_grad_(True)
     found = find_resumable(stage_dir, len(data.train_set), data.total_steps) if cfg.resume else None
     print(f"[stage {k}/{len(config['stages'])}] {task}: {len(data.train_set)} examples, {data.total_steps} steps",
           file=sys.stderr)
     method.setup(model, run_ctx)
+    train.use_train_examples(method, model, run_ctx, data)
     method.configure(model)
     forward, optimizer, _ = train.prepare_training(stage_cfg, model, method, device)
     run = Progress()
@@ -355,8 +363,12 @@ def train_stage(k: int, task: str, data, model, method, tok, cfg, general, devic
     seconds, tokens = train.train(stage_cfg, model, forward, optimizer, method, batches, data, run, stage_dir, config)
     method.finish(model)
     model.eval()
-    write_atomic_text(stage_dir / "train.json", json.dumps(dict(task=task, steps=run.step, tokens=run.tokens,
-                                                                 final_loss=run.loss, seconds=round(seconds, 1))))
+    record = dict(task=task, steps=run.step, tokens=run.tokens, final_loss=run.loss, seconds=round(seconds, 1))
+    if start is not None:  # the stage's update against its start (diagnostics.py), the KL on the stage's prompts
+        t0 = time.time()
+        record["diagnostics"] = diagnose(model, start, data.domain, tok, seed)
+        record["diagnostics"]["seconds"] = round(time.time() - t0, 1)
+    write_atomic_text(stage_dir / "train.json", json.dumps(record))
 
 
 def write_snapshot(out: Path, k: int, model, method):

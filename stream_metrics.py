@@ -119,6 +119,46 @@ def transfer_metrics(R: list[list[float]], joint: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- intervals of one run
+def bootstrap_R(arrays: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, stages, T): R on each stratified paired resample of the test items (module docstring)."""
+    rng = np.random.default_rng(seed)
+    boot_R = np.empty((n_boot, arrays[0].shape[0], len(arrays)))
+    for j, c in enumerate(arrays):
+        n = c.shape[1]
+        idx = rng.integers(0, n, size=(n_boot, n))  # one draw per task, shared by all its stages: the pairing
+        # how often each item was drawn in each resample (a bincount per row); the resampled accuracies at every
+        # stage are then one matrix product
+        counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
+        boot_R[:, :, j] = counts.reshape(n_boot, n) @ c.T / n
+    return boot_R
+
+
+def _earlier_change(R: np.ndarray) -> np.ndarray:
+    """(..., T−1): for stage i = 2..T, mean over the tasks trained before it, j < i−1, of R[i][j] − R[i−1][j]."""
+    T = R.shape[-1]
+    rows = []
+    for i in range(2, T + 1):
+        rows.append((R[..., i, :i - 1] - R[..., i - 1, :i - 1]).mean(axis=-1))
+    return np.stack(rows, axis=-1)
+
+
+def earlier_task_change(correct, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> list[dict]:
+    """What each stage after the first did to the tasks trained before it: for stage i = 2..T (1-based, the row
+    of R after training task i), Δ_i = 1/(i−1) Σ_{j<i−1} (R[i][j] − R[i−1][j]) (0-based tasks j), below 0 when
+    stage i made the model forget; [{"stage": i, "change", "change_ci"}], the interval from the same stratified
+    paired bootstrap as stream_metrics's (the same resamples for the same seed). The per-stage quantity a
+    per-stage predictor (the stage's KL, its update's size) is read against. [] for fewer than 2 tasks."""
+    arrays = _task_arrays(correct)
+    R = np.stack([c.mean(axis=1) for c in arrays], axis=1)
+    if R.shape[1] < 2:
+        return []
+    value = _earlier_change(R)
+    boots = _earlier_change(bootstrap_R(arrays, n_boot, seed))
+    q = [(1 - confidence) / 2, (1 + confidence) / 2]
+    ci = np.quantile(boots, q, axis=0).T.tolist()
+    return [dict(stage=i, change=float(v), change_ci=c) for i, v, c in zip(range(2, R.shape[1] + 1), value, ci)]
+
+
 def stream_metrics(correct, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95,
                    joint: bool = False) -> dict:
     """R and the transfer metrics of one run with their intervals (module docstring): R_ci, (T+1) × T of Wilson
@@ -133,16 +173,7 @@ def stream_metrics(correct, n_boot: int = 2000, seed: int = 0, confidence: float
     z = NormalDist().inv_cdf((1 + confidence) / 2)
     R_ci = [[list(stats.wilson_interval(int(c[i].sum()), c.shape[1], z)) for c in arrays] for i in range(len(R))]
 
-    rng = np.random.default_rng(seed)
-    boot_R = np.empty((n_boot,) + R.shape)
-    for j, c in enumerate(arrays):
-        n = c.shape[1]
-        idx = rng.integers(0, n, size=(n_boot, n))  # one draw per task, shared by all its stages: the pairing
-        # how often each item was drawn in each resample (a bincount per row); the resampled accuracies at every
-        # stage are then one matrix product
-        counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
-        boot_R[:, :, j] = counts.reshape(n_boot, n) @ c.T / n
-    boots = _metrics(boot_R, joint)
+    boots = _metrics(bootstrap_R(arrays, n_boot, seed), joint)
     q = [(1 - confidence) / 2, (1 + confidence) / 2]
 
     def interval(samples):

@@ -3,10 +3,13 @@
     config.json          the flags, the order and its tasks, the stages' step counts (written first)
     stage-<i>/eval.json  after stage i (0: the base model): per task, accuracy, Wilson interval and per-item records;
                          the general-ability level's evaluation
-    stage-<i>/train.json the stage's steps, tokens, final loss and seconds; metrics.jsonl its training log
+    stage-<i>/train.json the stage's steps, tokens, final loss and seconds, and its diagnostics (diagnostics.py:
+                         the update's geometry and the KL, against the stage's start); metrics.jsonl its log
     results.json         the accuracy matrix R with its intervals, ACC / LA / BWT / FWT / forgetting with their
                          paired-bootstrap intervals (stream_metrics.py), the general ability after every stage
-                         against the base model (paired by item), the stages' training
+                         against the base model (paired by item), the stages' training, and, where the stages
+                         have diagnostics, "diagnostics_by_stage": each stage's KL and geometry medians beside
+                         what it did to the earlier tasks (stream_metrics.earlier_task_change)
     matrix.csv           R, one row per stage
     matrix.png           R as a heat map
     report.md            the same, readable, saying what the intervals support
@@ -23,7 +26,8 @@ import stats
 from errors import ForgetlabError, read_json_object
 from eval import compare_forgetting
 from model.checkpoint import write_atomic_text
-from stream_metrics import stream_metrics
+from diagnostics import geometry_medians
+from stream_metrics import earlier_task_change, stream_metrics
 
 METRIC_NAMES = {"acc": "average accuracy (ACC)", "learning_acc": "learning accuracy (LA)",
                 "bwt": "backward transfer (BWT)", "fwt": "forward transfer (FWT)", "forgetting": "forgetting (F)"}
@@ -50,13 +54,38 @@ def stream_results(config: dict, evaluations: list[dict], trained: list[dict]) -
             rows = compare_forgetting(evaluations[0]["general"], ev["general"])["metrics"]
             general.append(dict(stage=i, after=trained[i - 1]["task"], metrics=rows))
     options = {k: v for k, v in config.items() if "." in k}
-    return dict(method=config["method"], options=options, order=config["order_name"], tasks=names, joint=joint,
-                replay=config["stream"]["replay"], seed=config["seed"], scoring=config["stream"]["scoring"],
-                chance=chance, metrics=m, general=general, stages=trained,
-                seconds=dict(train=round(sum(t["seconds"] for t in trained), 1),
-                             eval=round(sum(ev["tasks"][n]["seconds"] for ev in evaluations for n in names)
-                                        + sum(r.get("seconds", 0) for ev in evaluations
-                                              for r in (ev.get("general") or {}).values()), 1)))
+    result = dict(method=config["method"], options=options, order=config["order_name"], tasks=names, joint=joint,
+                  replay=config["stream"]["replay"], seed=config["seed"], scoring=config["stream"]["scoring"],
+                  chance=chance, metrics=m, general=general, stages=trained,
+                  seconds=dict(train=round(sum(t["seconds"] for t in trained), 1),
+                               eval=round(sum(ev["tasks"][n]["seconds"] for ev in evaluations for n in names)
+                                          + sum(r.get("seconds", 0) for ev in evaluations
+                                                for r in (ev.get("general") or {}).values()), 1)))
+    by_stage = diagnostics_by_stage(evaluations, names, trained, config["seed"], joint)
+    if by_stage:
+        result["diagnostics_by_stage"] = by_stage
+    return result
+
+
+def diagnostics_by_stage(evaluations: list[dict], names: list[str], trained: list[dict], seed: int,
+                         joint: bool) -> list[dict]:
+    """[{stage, task, kl, kl_ci, relative, effective_rank, overlap_ratio, earlier_change, earlier_change_ci}] for
+    the stages whose train.json has diagnostics ([] when none has: streams made before they existed); the
+    earlier-task change is None for the first stage and a joint run."""
+    if not any("diagnostics" in t for t in trained):
+        return []
+    changes = {} if joint else {c["stage"]: c for c in earlier_task_change(correct_matrix(evaluations, names),
+                                                                           seed=seed)}
+    rows = []
+    for i, t in enumerate(trained, start=1):
+        d = t.get("diagnostics")
+        if d is None:
+            continue
+        c = changes.get(i, {})
+        rows.append(dict(stage=i, task=t["task"], kl=d["kl_to_base"]["kl"], kl_ci=d["kl_to_base"]["kl_ci"],
+                         **geometry_medians(d["update_geometry"]), earlier_change=c.get("change"),
+                         earlier_change_ci=c.get("change_ci")))
+    return rows
 
 
 def write_stream_results(out: Path, config: dict, evaluations: list[dict]) -> dict:
@@ -170,6 +199,21 @@ def format_stream_report(r: dict) -> str:
                              f"{stats.format_interval(row['before'], *row['before_ci'], digits=d)} | "
                              f"{stats.format_interval(row['after'], *row['after_ci'], digits=d)} | "
                              f"{stats.format_interval(row['delta'], *row['delta_ci'], digits=d)} | {row['verdict']} |")
+    if r.get("diagnostics_by_stage"):
+        lines += ["", "## Diagnostics per stage, against the stage's start", "",
+                  "KL(π_start ‖ π) on 32 of the stage's training prompts (nats per prompt, 95% t interval; "
+                  "diagnostics.kl_to_base), the medians over weight matrices of the update's relative norm, effective "
+                  "rank and overlap with W's top singular directions over its chance level, and what the stage did to "
+                  "the tasks trained before it (the mean change of their accuracy; 95% paired bootstrap).", "",
+                  "| stage | task | KL | relative ‖ΔW‖ | effective rank | overlap / chance | earlier tasks' change |",
+                  "|---:|---|---|---:|---:|---:|---|"]
+        for d in r["diagnostics_by_stage"]:
+            kl = stats.format_interval(d["kl"], *d["kl_ci"], digits=2) if d["kl_ci"][0] is not None else \
+                f"{d['kl']:.2f}"
+            change = "—" if d["earlier_change"] is None else \
+                stats.format_interval(d["earlier_change"], *d["earlier_change_ci"])
+            lines.append(f"| {d['stage']} | {d['task']} | {kl} | {d['relative']:.2e} | {d['effective_rank']:.1f} | "
+                         f"{d['overlap_ratio']:.2f} | {change} |")
     lines += ["", "## Training", "", "| stage | task | steps | tokens | final loss | seconds |",
               "|---:|---|---:|---:|---:|---:|"]
     for i, t in enumerate(r["stages"], start=1):

@@ -30,6 +30,7 @@ config.json records world_size, backend and fsdp.
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from tqdm import tqdm
 import distributed
 from data import (batches_by_length, create_replay_dataset, load_dataset, micro_batch_stream, split_held_out,
                   tokenize_dataset)
-from diagnostics import effective_weights, kl_to_base, task_prompts, update_geometry
+from diagnostics import diagnose
 from errors import ForgetlabError, recorded_path, run_cli
 from eval import DOMAIN_TASKS, LEVELS, TASKS, evaluate, load_task_rows
 from loggers import MetricLoggers
@@ -203,12 +204,26 @@ def set_up_method(method, model, run_ctx, data: Data):
     """The method sees the untouched model (e.g. a Fisher estimate), may rewrite the replayed examples (e.g.
     self-replay: the base model's own answers), then decides what trains. Returns (trainable, all) parameters."""
     method.setup(model, run_ctx)
+    use_train_examples(method, model, run_ctx, data)
     if data.replayed:
         replay = method.replay_examples(model, run_ctx, [data.train_set[i] for i in data.replayed])
         for i, example in zip(data.replayed, replay, strict=True):
             data.train_set[i] = example
     method.configure(model)
     return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+
+
+def use_train_examples(method, model, run_ctx, data: Data):
+    """The method's training examples (Method.train_examples) in place of the domain's, where the training set
+    holds them (the replayed examples stay)."""
+    replayed = set(data.replayed)
+    own = [i for i in range(len(data.train_set)) if i not in replayed]
+    examples = method.train_examples(model, run_ctx, [data.train_set[i] for i in own])
+    if len(examples) != len(own):
+        raise ForgetlabError(f"method {method.name!r}: train_examples returned {len(examples)} examples for "
+                             f"{len(own)}; it must return one for each")
+    for i, example in zip(own, examples):
+        data.train_set[i] = example
 
 
 def prepare_training(cfg, model, method, device: str):
@@ -257,7 +272,8 @@ def train(cfg, model, forward, optimizer, method, stream, data: Data, run: Progr
             for g in optimizer.param_groups:
                 g["lr"] = lr
             epoch, micro = next(stream)
-            loss, tokens = accumulate_gradients(forward, micro, device, autocast)
+            loss, tokens = accumulate_gradients(forward, micro, device, autocast,
+                                                functools.partial(method.task_loss, model, step=step))
             extra = regularize(method, model, step)
             grad_norm = distributed.clip_grad_norm_(trainable, max_norm)  # over every rank's shards
             cause = nonfinite_cause(loss, extra, grad_norm)
@@ -300,7 +316,7 @@ def get_lr(it: int, lr: float, warmup_steps: int, total_steps: int, schedule: st
     return lr
 
 
-def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[float, int]:
+def accumulate_gradients(forward, micro_batches, device, autocast, task_loss) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches so the gradient equals that of one big batch: each
     micro-batch's mean loss is weighted by its share of the step's labelled tokens (a plain 1/grad_accum would
     overweight short batches). Returns (the step's mean loss, the non-pad tokens processed).
@@ -308,7 +324,8 @@ def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[floa
     Under torchrun the micro-batches are the global ones and each rank backpropagates its own rows
     (distributed.rank_slice), weighted so that the gradients DDP / FSDP2 average over the ranks are the
     single-process ones (distributed.loss_weight; 1 process: n / n_total); gradients are synchronized once, on
-    the last micro-batch."""
+    the last micro-batch. task_loss(forward, batch): a micro-batch's loss (Method.task_loss; default: the labels'
+    mean cross-entropy)."""
     n_total = sum(distributed.count_targets(b) for b in micro_batches)  # global: every rank holds the global batches
     active = [b for b in micro_batches if distributed.count_targets(b) > 0]
     loss_sum, tokens = 0.0, 0
@@ -316,8 +333,7 @@ def accumulate_gradients(forward, micro_batches, device, autocast) -> tuple[floa
         part = distributed.rank_slice(b)
         with distributed.gradient_sync(forward, enabled=i == len(active) - 1):
             with autocast:
-                loss = forward(part["input_ids"].to(device), labels=part["labels"].to(device),
-                               attention_mask=part["attention_mask"].to(device))
+                loss = task_loss(forward, {k: part[k].to(device) for k in ("input_ids", "labels", "attention_mask")})
             (loss * distributed.loss_weight(part, n_total)).backward()
         loss_sum += loss.item() * distributed.local_targets(part)
         tokens += int(b["attention_mask"].sum())
@@ -363,12 +379,9 @@ def save_and_evaluate_after(model, twin, tok, cfg, method, out: Path, device: st
         method.save(out)  # on every rank: a sharded state is gathered first (EWC writes from rank 0)
     diagnostics = None
     with timed(seconds, "diagnostics"):
-        if distributed.is_main():  # the saved model against the base it started from (diagnostics.py)
-            tuned = effective_weights(final)
+        if distributed.is_main() and cfg.diagnostics == "all":  # the saved model against its base (diagnostics.py)
             base = load_model(Path(tok.source), device=device)  # read once: the geometry's W₀ and the KL's π₀
-            diagnostics = dict(update_geometry=update_geometry(effective_weights(base), tuned),
-                               kl_to_base=kl_to_base(final, base, task_prompts(data.domain, cfg.seed), tok.stop_ids,
-                                                     tok.pad_id, seed=cfg.seed))
+            diagnostics = diagnose(final, base, data.domain, tok, cfg.seed)
             del base
     after, variants = None, {}
     with timed(seconds, "eval_after"):

@@ -61,6 +61,9 @@ class TrainConfig:
     realign_steps: int = arg(0, "spurious or real forgetting (Zheng et al. 2025): after the final evaluation, "
                                 "fine-tune a copy of the model this many steps on --general-data and evaluate "
                                 "it again, its own report section; 0 = off")
+    diagnostics: str = arg("all", "after training: the update's geometry and the KL to the base model on training "
+                                  "prompts (diagnostics.py), in results.json and the report; none = skip them",
+                           choices=("all", "none"))
     domain_eval: str | None = arg(None, "JSONL rows like data/domain_recall.jsonl (prompt, completion, answer) that "
                                         "measure the domain in place of the drug sets; without it, a run on your "
                                         "own --data is measured on the tenth of it kept out of training")
@@ -108,7 +111,7 @@ def recorded_config(cfg) -> dict:
 # Flags that may differ between a run and its --resume: they change neither the data nor the math of a step.
 RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "epochs", "eval", "eval_split", "before", "eval_cache",
                      "eval_batch_size", "save_every", "skip_nonfinite", "device", "compile", "backend", "log",
-                     "realign_steps")
+                     "realign_steps", "diagnostics")
 
 
 def describe_methods() -> str:

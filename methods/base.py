@@ -9,11 +9,14 @@ a method may need (seed, batch size, the tokenized data, rank), never the whole 
 
     check(model, run)                       once, before anything slow: refuse inputs that do not fit
     setup(model, run)                       once, on the model before fine-tuning (e.g. a Fisher estimate)
+    train_examples(model, run, examples)    once: the domain's training examples, kept or replaced (sdft-rewrite)
     replay_examples(model, run, examples)   once, with --replay-fraction: the replayed examples, kept or replaced
     configure(model)                        once: decide what trains (requires_grad), e.g. add LoRA adapters
     optimizer(param_groups, lr, betas, fused)   once: AdamW unless the method brings its own
     for step in range(run.total_steps):
-        the task loss, backpropagated (gradient-accumulated)
+        task_loss(model, forward, batch, step)  each micro-batch's loss, backpropagated (gradient-accumulated):
+                                            the labels' cross-entropy unless the method learns from something
+                                            else (sdft-on-policy: its own samples, toward a teacher)
         extra_loss(model, step)             a differentiable scalar added to the loss once per step, or None
         add_gradient(model, step)           or: add a regularizer's gradient to p.grad yourself (no autograd
                                             graph over the model), returning its value for the log, or None
@@ -30,8 +33,8 @@ same formula on one process and on N ranks), and checkpoints save and restore th
 that keeps other state overrides `state_dict` / `load_state_dict` and calls the base class's.
 
 Task streams (stream.py). A stream trains task after task with one instance of the method: for each stage it
-sets every parameter trainable and calls setup, configure, optimizer, the steps and finish again, with
-`run.stage`, `run.stages`, `run.task` and `run.domain` (that task's examples) telling the method where it is. So a
+sets every parameter trainable and calls setup, train_examples, configure, optimizer, the steps and finish again,
+with `run.stage`, `run.stages`, `run.task` and `run.domain` (that task's examples) telling the method where it is. So a
 method written for one fine-tune runs in a stream unchanged, each stage starting from the previous one's model:
 l2-init pulls toward the previous task's weights, kl toward the previous task's model, wise-ft interpolates
 between the start and the end of each stage. State kept on `self` carries from stage to stage (online EWC's
@@ -124,6 +127,12 @@ class Method:
     def setup(self, model, run: RunContext):
         """Before training, on the unmodified model (e.g. estimate a Fisher on run.general)."""
 
+    def train_examples(self, model, run: RunContext, examples: list) -> list:
+        """`examples` are the domain's training examples (run.domain), in order; return what to train on in their
+        place (the same number: the step count is fixed by then). Called after setup, on the unmodified model;
+        in a task stream, on each stage's task."""
+        return examples
+
     def replay_examples(self, model, run: RunContext, examples: list) -> list:
         """With --replay-fraction: `examples` are the general examples mixed into the training set, in order;
         return what to train on in their place (the same number). Called after setup, on the unmodified model."""
@@ -136,6 +145,14 @@ class Method:
         """The optimizer over train.configure_optimizers' parameter groups (matrices with weight decay, norms and
         biases without). Its state must be tensors and numbers: train_state.py checkpoints it."""
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+
+    def task_loss(self, model, forward, batch: dict, step: int) -> torch.Tensor:
+        """The loss of one micro-batch of optimizer step `step`: this rank's rows of it, on the device
+        (input_ids, labels, attention_mask, right-padded). `forward` is the model as train.py runs it (DDP-wrapped
+        under torchrun, compiled with --compile): call it for everything that must backpropagate; `model` is the
+        bare model, e.g. to generate from. train.py weighs each micro-batch by its share of the step's labelled
+        tokens, whatever this returns."""
+        return forward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
 
     def extra_loss(self, model, step: int) -> torch.Tensor | None:
         """A differentiable scalar tensor added to the loss of optimizer step `step` (backpropagated once per

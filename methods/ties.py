@@ -35,8 +35,8 @@ def ties_merge(task_vectors: list[torch.Tensor], density: float) -> torch.Tensor
 @register("ties")
 class TIES(TaskVectorMerge):
     """Full fine-tuning, then θ = θ₀ + λ·τ_m with τ_m the TIES merge (`ties_merge`) of τ = θ_ft − θ₀, each
-    parameter tensor trimmed on its own. methods/merging.py says which model is saved and what --ties.settings
-    and a task stream do."""
+    parameter tensor trimmed on its own; with --ties.across-stages in a task stream, the TIES merge of every
+    stage's task vector. methods/merging.py says which model is saved and what --ties.settings and a stream do."""
 
     knob = "density"
 
@@ -48,6 +48,8 @@ class TIES(TaskVectorMerge):
                                 resume_may_change=True)
         settings: str = option("", "more density:lambda pairs to evaluate from the same run, comma-separated "
                                    "(e.g. 0.1:1,0.5:1): each its own report section", resume_may_change=True)
+        across_stages: bool = option(False, "in a task stream: merge every stage's task vector once, after the "
+                                            "last stage, instead of each stage's own at its end")
 
         def __post_init__(self):
             pairs = [(self.density, self.lambda_), *parse_settings(self.settings, "--ties.settings",
@@ -55,6 +57,6 @@ class TIES(TaskVectorMerge):
             check_all([(all(0 < d <= 1 for d, _ in pairs), "--ties.density (and each of --ties.settings' "
                                                            "densities) must be in (0, 1]")])
 
-    def merge(self, index, tau, setting):
+    def merge(self, index, taus, setting):
         density, lam = setting
-        return lam * ties_merge([tau], density)
+        return lam * ties_merge(taus, density)

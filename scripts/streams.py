@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
+from stats import clustered_rank_correlation
 from stream_metrics import across_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +171,7 @@ def write_report(results: Path) -> str:
         m = r["metrics"]
         general = "; ".join(f"{k} {fmt(d, ci, 3)} {v}" for k, (d, ci, v) in general_change(r).items())
         lines.append(f"| {run} | " + " | ".join(fmt(m[k], m[f"{k}_ci"]) for k in METRICS[:4]) + f" | {general} |")
+    lines += kl_against_forgetting(runs)
     cost = sum(r["seconds"]["train"] + r["seconds"]["eval"] for _, _, r in runs)
     lines += ["", f"Compute: {cost / 3600:.1f} hours of training and evaluation in all (the runs' own seconds, "
                   "two runs side by side with one thread each).", ""]
@@ -178,6 +180,30 @@ def write_report(results: Path) -> str:
     (results / "summary.csv").write_text(summary_csv(runs))
     plot_summary(methods, per_method, results / "summary.png")
     return report
+
+
+def kl_against_forgetting(runs) -> list[str]:
+    """The report's section on RL's Razor's predictor in streams: over every stage after the first of the runs
+    with stage diagnostics, Spearman's ρ between the stage's KL to its start (on its own task's prompts) and the
+    change it made to the earlier tasks' accuracy, with an interval resampling whole runs. No lines when no run
+    has the diagnostics (runs made before they existed)."""
+    clusters = [[(d["kl"], d["earlier_change"]) for d in r.get("diagnostics_by_stage", [])
+                 if d["earlier_change"] is not None] for _, _, r in runs]
+    if not any(clusters):
+        return []
+    c = clustered_rank_correlation(clusters)
+    if c["n_pairs"] < 3:
+        return ["", "## Does a stage's KL predict its forgetting?", "",
+                f"{c['n_pairs']} stage(s) with diagnostics after a first stage: too few for a correlation."]
+    rho = fmt(c["rho"], c["ci"], 2)
+    reading = ("no interval with fewer than 3 runs" if c["ci"] is None else
+               "no detectable association" if c["ci"][0] <= 0 <= c["ci"][1] else
+               "more KL, more forgetting" if c["ci"][1] < 0 else "more KL, less forgetting")
+    return ["", "## Does a stage's KL predict its forgetting?", "",
+            f"Spearman's ρ between each stage's KL to its start on its own task's prompts and the mean change of "
+            f"the earlier tasks' accuracy it caused, over {c['n_pairs']} stages of {c['n_clusters']} runs (95% "
+            f"bootstrap resampling whole runs; below 0: the stages that moved further forgot more): {rho}, "
+            f"{reading}."]
 
 
 def summary_csv(runs) -> str:

@@ -193,6 +193,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             cells = [interval_text(item_interval(a_items, b_items, c) if seeds else None) for c in cols]
             out.append(f"| {a_name} − {b_name} | {len(seeds)} | " + " | ".join(cells) + " |")
 
+    out += kl_against_forgetting(runs, [r for r in rows if r["split"] == "test"])
     out += ["", "## Verdicts on the test split", "",
             "A direction only where the interval over seeds and the per-item interval both exclude zero, on the same "
             "side; otherwise no detectable change.", ""]
@@ -201,6 +202,32 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in TEST_FORGET}
             out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
     return "\n".join(out) + "\n"
+
+
+def kl_against_forgetting(runs: list[dict], test_rows: list[dict]) -> list[str]:
+    """RL's Razor's question over the study's runs: does a run's KL to the base model on its training prompts
+    (diagnostics.kl_to_base, in the records of runs made since) rank its forgetting? Spearman's ρ between the KL
+    and each forgetting quantity of the test split over every run that has both, with a bootstrap interval over
+    runs. No lines when fewer than 3 runs have the KL (the committed study's runs predate it)."""
+    pairs = [(record_of(runs, r)["kl_to_base"]["kl"], r) for r in test_rows if "kl_to_base" in record_of(runs, r)]
+    if len(pairs) < 3:
+        return []
+    out = ["", "## Does the KL to the base model predict forgetting?", "",
+           f"Spearman's ρ between each run's KL(π₀ ‖ π) on 32 of its training prompts and its forgetting on the test "
+           f"split, over the {len(pairs)} runs whose records have the KL (95% bootstrap over runs; above 0: the runs "
+           f"that moved further from the base forgot more).", "", "| forgetting | ρ | reading |", "|---|---|---|"]
+    for c in TEST_FORGET:
+        worse = 1 if c in WORSE_WHEN_HIGHER else -1  # oriented so that higher = forgot more
+        xy = [[(kl, worse * r[c])] for kl, r in pairs if r[c] is not None]
+        if len(xy) < 3:
+            continue
+        rho = stats.clustered_rank_correlation(xy)
+        ci = rho["ci"]
+        reading = ("no detectable association" if ci is None or ci[0] <= 0 <= ci[1] else
+                   "more KL, more forgetting" if ci[0] > 0 else "more KL, less forgetting")
+        cell = interval_text((rho["rho"], *ci), 2) if ci else fmt(rho["rho"], 2)
+        out.append(f"| {c} | {cell} | {reading} |")
+    return out
 
 
 CSV_COLUMNS = ["method", "setting", "seed", "split", *(q for q in QUANTITIES if q != OWN_DATA), *LEVELS_AFTER,

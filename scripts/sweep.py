@@ -92,9 +92,10 @@ METRICS = COLUMNS[3:-1]  # the numeric columns, averaged over seeds in sweep.md
 DECIMALS = {**{k: 4 if k.endswith("nll") else 3 for k in READ}, "tokens": 0, "wall_s": 0, "peak_mem_mb": 0,
             "recall_gain": 4, "unseen_gain": 4, "forgetting": 4, "qa_drop": 3}  # in sweep.md
 RESERVED = ("--out", "--method", "--seed")  # set by the sweep itself for each run (and --model with --quick)
-# --quick: train.py flags for a tiny random model (4 optimizer steps, quick evaluation), and 8 Fisher examples
-# for the methods that estimate one
-QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4", "--max-len", "128"]
+# --quick: train.py flags for a tiny random model (4 optimizer steps, quick evaluation, no diagnostics), and 8
+# Fisher examples for the methods that estimate one
+QUICK_TRAIN_FLAGS = ["--eval", "quick", "--max-steps", "4", "--batch-size", "4", "--max-len", "128",
+                     "--diagnostics", "none"]
 QUICK_FISHER_SAMPLES = "8"
 
 
@@ -283,8 +284,10 @@ def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: flo
 
     results = json.loads((run_dir / "results.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
+    kl = (results.get("diagnostics") or {}).get("kl_to_base")  # diagnostics.py; absent with --diagnostics none
     return dict(method=run.method, params=run.params, seed=run.seed, argv=argv, config=config, training=results["training"],
-                wall_s=round(wall, 1), cpu_s=round(cpu, 1), peak_rss_mb=round(peak), items=study.compact(results["after"]))
+                wall_s=round(wall, 1), cpu_s=round(cpu, 1), peak_rss_mb=round(peak), items=study.compact(results["after"]),
+                **({"kl_to_base": {k: kl[k] for k in ("kl", "kl_ci", "n")}} if kl else {}))
 
 
 def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: dict) -> list[str]:

@@ -42,7 +42,8 @@ def test_overlap_is_the_share_of_the_update_in_the_base_weight_s_top_directions(
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_run_records_the_geometry_of_every_weight_it_changed(tiny_dir, tiny_data, tmp_path, method):
     out = tmp_path / "run"
-    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "2", "--lr", "1e-2"))
+    results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "2", "--lr", "1e-2",
+                                   "--diagnostics", "all"))
     recorded = json.loads((out / "results.json").read_text())["diagnostics"]["update_geometry"]
     assert recorded == results["diagnostics"]["update_geometry"] and recorded["top_k"] == 16
     matrices = recorded["matrices"]
@@ -84,7 +85,8 @@ def test_kl_to_base_is_zero_for_the_base_itself_and_the_chain_rule_s_exact_value
 
 def test_a_run_records_the_kl_to_its_base_on_its_training_prompts(tiny_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
-    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "full", "--max-steps", "2", "--lr", "1e-2"))
+    train.main(tiny_args(tiny_dir, tiny_data, out, "--method", "full", "--max-steps", "2", "--lr", "1e-2",
+                         "--diagnostics", "all"))
     kl = json.loads((out / "results.json").read_text())["diagnostics"]["kl_to_base"]
     assert kl["n"] == len(kl["per_prompt"]) >= 2 and kl["kl"] > 0 and kl["kl_ci"][0] <= kl["kl"] <= kl["kl_ci"][1]
     assert "## KL to the base model on the new task" in (out / "report.md").read_text()

@@ -184,8 +184,8 @@ def test_benchmark_scores_agree_with_a_transformers_scorer(task, smollm_dir, smo
         pytest.skip(f"{path} not found (../shared/data is absent)")
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    # The 100 shortest items, so that the reference scorer stays within seconds.
-    rows = sorted(ev.load_task_rows(task, path), key=lambda r: len(json.dumps(r)))[:100]
+    # The 40 shortest items, so that the reference scorer stays within seconds.
+    rows = sorted(ev.load_task_rows(task, path), key=lambda r: len(json.dumps(r)))[:40]
     items, _ = ev.TASKS[task].score(smollm[0], tok, rows, Options(batch_size=32))
     hf = LlamaForCausalLM.from_pretrained(smollm_dir).eval()
     hf_tok = AutoTokenizer.from_pretrained(smollm_dir)
@@ -198,7 +198,7 @@ def test_benchmark_scores_agree_with_a_transformers_scorer(task, smollm_dir, smo
         else:
             agree += max(range(len(ref)), key=ref.__getitem__) == item["pred"]
         max_diff = max(max_diff, max(abs(a - b) for a, b in zip(ref, item["logprobs"])))
-    assert agree >= 97, f"{agree}/100 verdicts agree"
+    assert agree >= 39, f"{agree}/40 verdicts agree"
     assert max_diff < 1e-2, max_diff
 
 

@@ -68,8 +68,20 @@ class Recorder(methods.Method):
     def setup(self, model, run):
         self.calls.append(("setup", len(run.general)))
 
+    def train_examples(self, model, run, examples):
+        self.calls.append(("train_examples", len(examples)))
+        return examples
+
+    def replay_examples(self, model, run, examples):
+        self.calls.append(("replay_examples", len(examples)))
+        return examples
+
     def configure(self, model):
         self.calls.append(("configure",))
+
+    def task_loss(self, model, forward, batch, step):
+        self.calls.append(("task_loss", step))
+        return super().task_loss(model, forward, batch, step)
 
     def extra_loss(self, model, step):
         self.calls.append(("extra_loss", step))
@@ -87,8 +99,9 @@ def test_hooks_are_called_in_the_documented_order(tiny_dir, tiny_data, tmp_path,
     monkeypatch.setitem(methods.REGISTRY, "recorder", Recorder)
     train.main(tiny_args(tiny_dir, tiny_data, tmp_path / "run", "--method", "recorder", "--max-steps", "2",
                          "--replay-fraction", "0.5"))
-    assert Recorder.calls == [("setup", 12), ("configure",), ("extra_loss", 0), ("after_step", 0),
-                              ("extra_loss", 1), ("after_step", 1), ("finish",)]
+    assert Recorder.calls == [("setup", 12), ("train_examples", 24), ("replay_examples", 12), ("configure",),
+                              ("task_loss", 0), ("extra_loss", 0), ("after_step", 0),
+                              ("task_loss", 1), ("extra_loss", 1), ("after_step", 1), ("finish",)]
 
 
 def test_lora_trains_only_the_adapters(tiny_dir, tiny_data, tmp_path):  # noqa: F811

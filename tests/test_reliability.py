@@ -483,8 +483,8 @@ def nan_at(step_to_poison: int, what: str):
     real = train.accumulate_gradients
     calls = []
 
-    def poisoned(forward, micro_batches, device, autocast):
-        loss, tokens = real(forward, micro_batches, device, autocast)
+    def poisoned(forward, micro_batches, device, autocast, task_loss):
+        loss, tokens = real(forward, micro_batches, device, autocast, task_loss)
         calls.append(1)
         if len(calls) == step_to_poison:
             if what == "loss":
@@ -627,14 +627,14 @@ def test_a_sweep_refuses_a_bad_grid_value_before_its_first_run(tmp_path, capsys)
 
 
 def test_a_truncated_self_replay_cache_is_generated_again(tmp_path, capsys):
-    from methods.self_replay import SelfReplay
+    from methods.self_distillation import read_cache
 
     file = tmp_path / "cache.json"
     file.write_text('{"1,2,3": [4, 5], "6,7": [8')
-    assert SelfReplay.read_cache(file) == {}
+    assert read_cache(file, "self-replay") == {}
     assert "ignoring the unreadable cache" in capsys.readouterr().err
     file.write_text('{"1,2,3": [4, 5]}')
-    assert SelfReplay.read_cache(file) == {"1,2,3": [4, 5]}
+    assert read_cache(file, "self-replay") == {"1,2,3": [4, 5]}
 
 
 # A disk that fills up: a real small tmpfs where this process may mount one (root on Linux), and a write that

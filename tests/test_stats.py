@@ -256,3 +256,20 @@ def test_format_interval():
 def test_module_constant():
     assert stats.Z95 == pytest.approx(t_quantile(0.975, math.inf), abs=1e-9)
     assert t_cdf(0.0, 3.0) == 0.5
+
+
+def test_spearman_of_tied_values_matches_the_hand_computed_value():
+    # ranks of x: 0, 1.5, 1.5, 3; of y: 0, 1, 2, 3 -> centred products 4.5 over sqrt(4.5 x 5)
+    assert stats.spearman([1, 2, 2, 3], [10, 20, 30, 40]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert stats.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(stats.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+def test_the_clustered_correlation_resamples_whole_clusters():
+    # a perfect monotone relation inside every cluster gives rho 1 on every resample
+    clusters = [[(i + k, 2 * (i + k)) for k in range(3)] for i in range(0, 40, 10)]
+    r = stats.clustered_rank_correlation(clusters, n_boot=200)
+    assert r["rho"] == pytest.approx(1.0) and r["ci"] == pytest.approx([1.0, 1.0])
+    assert (r["n_pairs"], r["n_clusters"]) == (12, 4)
+    assert stats.clustered_rank_correlation(clusters[:2])["ci"] is None  # two runs: no interval

@@ -51,7 +51,7 @@ def bench(tmp_path):
 
 def stream_args(tiny_dir, bench, out, *extra):
     return ["--model", tiny_dir, "--benchmark", str(bench), "--out", str(out), "--general-eval", "none",
-            "--batch-size", "4", "--max-steps", "3", "--eval-batch-size", "8", *extra]
+            "--batch-size", "4", "--max-steps", "3", "--eval-batch-size", "8", "--diagnostics", "none", *extra]
 
 
 def final_weights(out) -> dict:
@@ -320,13 +320,17 @@ def test_the_committed_stream_reports_are_what_their_records_give(tmp_path):
 
 STREAM_OPTIONS_FOR_TINY = {"freeze": ["--freeze.layers", "1"], "ewc": ["--ewc.fisher-samples", "4"],
                            "ewc-lora": ["--ewc.fisher-samples", "4"], "online-ewc": ["--online-ewc.fisher-samples", "4"],
-                           "wise-ft": ["--wise-ft.lora"], "kl": ["--kl.lora"]}
+                           "wise-ft": ["--wise-ft.lora"], "kl": ["--kl.lora"],
+                           "sdft-rewrite": ["--sdft-rewrite.max-new-tokens", "4"],
+                           "sdft-on-policy": ["--sdft-on-policy.max-new-tokens", "4"]}
 
 
 @pytest.mark.parametrize("method", [m for m in __import__("methods").REGISTRY if m != "self-replay"])
 def test_every_builtin_method_runs_a_two_task_stream(tiny_dir, bench, tmp_path, method):
     results = stream.main(stream_args(tiny_dir, bench, tmp_path / "s", "--order", "colors,animals", "--method", method,
-                                      "--max-steps", "2", *STREAM_OPTIONS_FOR_TINY.get(method, [])))
+                                      "--max-steps", "2", *STREAM_OPTIONS_FOR_TINY.get(method, []),
+                                      *(["--sdft-rewrite.cache", str(tmp_path / "cache")]
+                                        if method == "sdft-rewrite" else [])))
     assert len(results["metrics"]["R"]) == 3 and [s["steps"] for s in results["stages"]] == [2, 2]
     for k in (1, 2):
         losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / f"stage-{k}" / "metrics.jsonl").read_text().splitlines()]
@@ -345,3 +349,39 @@ def test_a_failed_stream_does_not_stop_the_grid_and_is_named_at_the_end(tiny_dir
                       "--work", str(tmp_path / "w")])
     assert (tmp_path / "r" / "runs" / "seq-full-ordercolors,animals-seed0" / "results.json").is_file()
     assert "| seq-full | 1 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_each_stage_records_its_diagnostics_against_its_own_start_and_the_report_reads_them(tiny_dir, bench,
+                                                                                            tmp_path):
+    from diagnostics import update_geometry
+
+    flags = ["--method", "full", "--max-steps", "2", "--lr", "1e-2", "--diagnostics", "all"]
+    results = stream.main(stream_args(tiny_dir, bench, tmp_path / "s", "--order", "colors,animals", *flags))
+    rows = results["diagnostics_by_stage"]
+    assert [d["stage"] for d in rows] == [1, 2] and rows[0]["earlier_change"] is None
+    R = results["metrics"]["R"]
+    assert rows[1]["earlier_change"] == pytest.approx(R[2][0] - R[1][0])  # one task before stage 2
+    recorded = [json.loads((tmp_path / "s" / f"stage-{k}" / "train.json").read_text())["diagnostics"] for k in (1, 2)]
+    assert all(d["kl_to_base"]["kl"] > 0 for d in recorded)
+    assert "## Diagnostics per stage" in (tmp_path / "s" / "report.md").read_text()
+    # stage 2 against its start: the weights after stage 1, which a stream of colors alone ends with
+    stream.main(stream_args(tiny_dir, bench, tmp_path / "one", "--order", "colors", *flags))
+    start, end = final_weights(tmp_path / "one"), final_weights(tmp_path / "s")
+    two_d = [n for n, t in end.items() if t.dim() == 2]
+    expected = update_geometry({n: start[n] for n in two_d}, {n: end[n] for n in two_d})["matrices"]
+    got = recorded[1]["update_geometry"]["matrices"]
+    assert set(got) >= set(expected) and all(got[n]["norm"] == pytest.approx(expected[n]["norm"], rel=1e-5)
+                                             for n in expected)
+
+
+def test_the_grid_report_reads_each_stage_s_kl_against_the_forgetting_it_caused():
+    from scripts import streams
+
+    def run(*pairs):
+        return dict(diagnostics_by_stage=[dict(kl=1.0, earlier_change=None)] +
+                    [dict(kl=k, earlier_change=c) for k, c in pairs])
+    runs = [("a", "m", run((1.0, -0.01), (3.0, -0.10))), ("b", "m", run((2.0, -0.05), (5.0, -0.30))),
+            ("c", "m", run((0.5, 0.02), (4.0, -0.20)))]
+    text = "\n".join(streams.kl_against_forgetting(runs))
+    assert "over 6 stages of 3 runs" in text and "-1.00 [-1.00, -1.00], more KL, more forgetting" in text
+    assert streams.kl_against_forgetting([("old", "m", {"metrics": {}})]) == []  # records without diagnostics

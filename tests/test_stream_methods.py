@@ -331,3 +331,86 @@ def test_stream_methods_refuse_fsdp_where_their_state_is_not_sharded():
             methods.get_method(name, values).check(model, RunContext(**{**vars(context(0, 3, [])), "fsdp": True}))
     with pytest.raises(ForgetlabError, match="--fsdp"):
         o_lora(**{"o-lora.lambda2": 0.1}).check(model, RunContext(**{**vars(context(0, 1, [])), "fsdp": True}))
+
+
+# ----------------------------------------------------------------------------- ties / dare across stages
+
+@pytest.mark.parametrize("name, values", [("ties", {"ties.density": 0.5, "ties.across-stages": True}),
+                                          ("dare", {"dare.drop": 0.5, "dare.across-stages": True})])
+def test_a_merge_across_stages_merges_every_stage_s_task_vector_once_after_the_last(name, values):
+    from methods.dare import dare
+    from methods.ties import ties_merge
+
+    torch.manual_seed(0)
+    model, method = tiny_llama(), methods.get_method(name, values)
+    start, ends = weights(model), []
+    for stage in range(3):
+        begin_stage(model, method, stage, 3, TASKS[stage])
+        steps(model, method, TASKS[stage])
+        ends.append(weights(model))  # the stage's end, before the method's finish
+        method.finish(model)
+        if stage < 2:  # earlier stages stay unmerged: the next one trains on from where this one ended
+            assert all(torch.equal(p, ends[-1][n]) for n, p in model.named_parameters())
+    for i, (n, p) in enumerate(model.named_parameters()):
+        taus = [ends[0][n] - start[n], ends[1][n] - ends[0][n], ends[2][n] - ends[1][n]]
+        if name == "ties":
+            expected = start[n] + ties_merge(taus, 0.5)
+        else:
+            masks = [torch.Generator().manual_seed(i + k * 1_000_000_007) for k in range(3)]  # the last stage's seed 0
+            expected = start[n] + sum(dare(t, 0.5, g) for t, g in zip(taus, masks))
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6, msg=n)
+
+
+def test_a_merge_across_stages_survives_a_fresh_instance_between_stages():
+    torch.manual_seed(0)
+    values = {"ties.density": 0.5, "ties.across-stages": True}
+    model, method = tiny_llama(), methods.get_method("ties", values)
+    run_stage(model, method, 0, 2, TASKS[0])
+    resumed_model, resumed = copy.deepcopy(model), methods.get_method("ties", values)
+    resumed.load_state_dict({k: t.clone() for k, t in method.state_dict().items()})  # what a snapshot restores
+    for m, meth in ((model, method), (resumed_model, resumed)):
+        torch.manual_seed(1)
+        run_stage(m, meth, 1, 2, TASKS[1])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_a_merge_across_stages_is_refused_in_a_single_fine_tune():
+    method = methods.get_method("ties", {"ties.across-stages": True})
+    with pytest.raises(ForgetlabError, match="--ties.across-stages: for a task stream"):
+        method.check(tiny_llama(), context(0, 1, TASKS[0]))
+
+
+# ----------------------------------------------------------------------------- a-gem's episodic memory
+
+def test_a_gem_s_episodic_memory_holds_only_the_earlier_tasks_examples_and_survives_a_fresh_instance():
+    values = {"a-gem.source": "earlier-tasks", "a-gem.memory": 3}
+    torch.manual_seed(0)
+    model, method = tiny_llama(), methods.get_method("a-gem", values)
+    begin_stage(model, method, 0, 3, TASKS[0])
+    assert method.batches == []  # the first task has nothing before it
+    model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    assert method.add_gradient(model, 0) is None and all(torch.equal(a, p.grad) for a, p in zip(before,
+                                                                                               model.parameters()))
+    model.zero_grad()
+    method.finish(model)
+    for stage in (1, 2):
+        fresh = methods.get_method("a-gem", values)
+        fresh.load_state_dict({k: t.clone() for k, t in method.state_dict().items()})  # a resumed stream's
+        for m in (method, fresh):
+            begin_stage(model, m, stage, 3, TASKS[stage])
+        assert method.episodic == fresh.episodic and len(method.episodic) == 3 * (stage + 1)
+        remembered = [e["input_ids"] for b in method.batches for e in unbatch(b)]
+        assert len(remembered) == 3 * stage  # 3 of each earlier task, and none of this stage's
+        assert all(tuple(ids) in {tuple(e["input_ids"]) for t in range(stage) for e in TASKS[t]} for ids in remembered)
+
+
+def unbatch(batch) -> list[dict]:
+    """The examples of a collated batch, pads stripped."""
+    return [dict(input_ids=ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def test_a_gem_s_earlier_task_memory_is_refused_in_a_single_fine_tune():
+    method = methods.get_method("a-gem", {"a-gem.source": "earlier-tasks"})
+    with pytest.raises(ForgetlabError, match="--a-gem.source earlier-tasks: for a task stream"):
+        method.check(tiny_llama(), context(0, 1, TASKS[0]))

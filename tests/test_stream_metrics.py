@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import stats
-from stream_metrics import accuracy_matrix, across_runs, stream_metrics, transfer_metrics
+from stream_metrics import accuracy_matrix, across_runs, earlier_task_change, stream_metrics, transfer_metrics
 
 # T = 3 tasks, rows: zero-shot, after task 0, after task 1, after task 2. Task 0 is best after task 1 (0.9), not
 # right after its own training (0.8), so forgetting's max differs from BWT's "just after training".
@@ -50,6 +50,15 @@ def test_forgetting_takes_the_max_over_stages_after_training_not_before():
          [0.7, 0.5, 0.9]]
     # F_0 = max(0.8, 0.7) − 0.7 = 0.1 (here the max is right after training)
     assert transfer_metrics(R)["forgetting_per_task"] == pytest.approx([0.1, 0.1, None])
+
+
+def test_each_stage_s_change_of_the_earlier_tasks_matches_hand_computed_values():
+    # stage 2 (row 2) on task 0: 0.9 − 0.8 = +0.1; stage 3 on tasks 0, 1: ((0.6 − 0.9) + (0.5 − 0.7))/2 = −0.25
+    changes = earlier_task_change(_booleans(R3, 20), n_boot=500)
+    assert [c["stage"] for c in changes] == [2, 3]
+    assert [c["change"] for c in changes] == pytest.approx([0.1, -0.25])
+    assert all(lo <= c["change"] <= hi for c in changes for lo, hi in [c["change_ci"]])
+    assert earlier_task_change(_booleans([[0.2], [0.8]], 20)) == []  # one task: nothing before it
 
 
 def test_accuracy_matrix_from_booleans():

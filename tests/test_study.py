@@ -153,7 +153,7 @@ def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes
     # Six tiny-model runs, two at a time (about 40 s here).
     model = sweep.quick_model(tmp_path)
     protocol = dict(PROTOCOL, train_flags=["--eval", "quick", "--max-steps", "2", "--batch-size", "4",
-                                           "--max-len", "128", "--model", str(model)],
+                                           "--max-len", "128", "--model", str(model), "--diagnostics", "none"],
                     methods={"full": {"lr": ["1e-4", "1e-3"]}, "l2-init": {"l2-init.lambda": ["0.1", "10"]}},
                     controls={"again": {"method": "l2-init", "like": "l2-init"}})  # the very runs of l2-init
     file = tmp_path / "protocol.json"
@@ -224,3 +224,20 @@ def test_a_study_on_one_s_own_data_reports_the_held_out_gain(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith(f"| {r['method']} | {label} |"))
     assert line.split("|")[-3].strip() == f"{nll(dev_b) - nll(dev_a):+.4f}"
     assert "heldout_gain" in (copy / "study.csv").read_text().splitlines()[0]
+
+
+def test_the_report_ranks_the_runs_kl_against_their_forgetting_once_records_have_it(tmp_path):
+    copy = tmp_path / "study"
+    shutil.copytree(FIXTURE, copy)
+    protocol, base, runs = study.read_results_dir(copy)
+    test_rows = [r for r in study_report.rows_of(protocol, base, runs) if r["split"] == "test"]
+    for row in test_rows:  # a KL that orders the runs exactly as their general-text forgetting does
+        record = copy / "runs" / f"{sweep.Run(row['method'], row['params'], row['seed']).name}.json"
+        data = json.loads(record.read_text())
+        data["kl_to_base"] = dict(kl=10 + 100 * row["forgetting"], kl_ci=[0, 1], n=32)
+        record.write_text(json.dumps(data))
+    assert "Does the KL" not in (FIXTURE / "study.md").read_text()  # records without the KL: no section
+    sweep.main(["--report", str(copy)])
+    text = (copy / "study.md").read_text()
+    assert f"over the {len(test_rows)} runs whose records have the KL" in text
+    assert "| forgetting | +1.00 [+1.00, +1.00] | more KL, more forgetting |" in text

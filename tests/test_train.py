@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 import re
@@ -60,7 +61,8 @@ def test_gradient_accumulation_of_4x1_equals_one_batch_of_4():
     grads, losses = [], []
     for micro in (big, small):
         model = tiny_llama().train()
-        loss, tokens = train.accumulate_gradients(model, micro, "cpu", torch.autocast("cpu", enabled=False))
+        loss, tokens = train.accumulate_gradients(model, micro, "cpu", torch.autocast("cpu", enabled=False),
+                                                  functools.partial(methods.Method().task_loss, model, step=0))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         losses.append((loss, tokens))
     assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
@@ -142,19 +144,22 @@ def test_bad_arguments_are_one_line_errors(argv, message):
 
 # ----------------------------------------------------------------------------- whole runs on a tiny model
 
-OPTIONS_FOR_TINY = {"freeze": ["--freeze.layers", "1"], "self-replay": ["--self-replay.max-new-tokens", "4"]}
+OPTIONS_FOR_TINY = {"freeze": ["--freeze.layers", "1"], "self-replay": ["--self-replay.max-new-tokens", "4"],
+                    "sdft-rewrite": ["--sdft-rewrite.max-new-tokens", "4"],
+                    "sdft-on-policy": ["--sdft-on-policy.max-new-tokens", "4"]}
 
 
 @pytest.mark.parametrize("method", list(methods.REGISTRY))
 def test_every_builtin_method_runs_three_steps_and_writes_its_outputs(tiny_dir, tiny_data, tmp_path, method):
     out = tmp_path / "run"
-    extra = OPTIONS_FOR_TINY.get(method, []) + (["--self-replay.cache", str(tmp_path / "cache")]
-                                                 if method == "self-replay" else [])
+    extra = OPTIONS_FOR_TINY.get(method, []) + ([f"--{method}.cache", str(tmp_path / "cache")]
+                                                 if method in ("self-replay", "sdft-rewrite") else [])
     results = train.main(tiny_args(tiny_dir, tiny_data, out, "--method", method, "--max-steps", "3", *extra))
     files = sorted(p.name for p in out.iterdir())
     saved = "adapter" if method in ("lora", "ewc-lora", "o-lora") else "model"
-    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", "update_geometry.png", saved]
-                           + (["ewc.safetensors"] if method == "ewc" else []))
+    assert files == sorted(["config.json", "metrics.jsonl", "results.json", "report.md", saved]
+                           + (["ewc.safetensors"] if method == "ewc" else [])
+                           + (["sdft_rewrite.json"] if method == "sdft-rewrite" else []))
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["total_steps"] == 3
     assert set(methods.option_keys(methods.REGISTRY[method])) <= set(config)  # every option of the method, recorded
@@ -205,7 +210,7 @@ def test_quick_eval_writes_before_after_and_comparison(tiny_dir, tiny_data, tmp_
     argv = tiny_args(tiny_dir, tiny_data, out, "--max-steps", "1", "--domain-eval", DRUG_RECALL)
     argv[argv.index("--eval") + 1] = "quick"
     results = train.main(argv)
-    assert set(results) == {"training", "base", "before", "after", "comparison", "diagnostics"}
+    assert set(results) == {"training", "base", "before", "after", "comparison"}  # --diagnostics none
     rows = results["comparison"]["metrics"]
     assert {(r["task"], r["metric"]) for r in rows} == {("general_qa", "accuracy"), ("ppl", "nll"),
                                                          ("domain_recall", "accuracy"), ("domain_recall", "nll")}

@@ -48,10 +48,11 @@ def fisher_samples(extra) -> list[str]:
 
 
 def tiny_args(tiny_dir, tiny_data, out, *extra):
-    """train.py flags for the tiny_dir model on the tiny_data sets (conftest fixtures), without evaluation."""
+    """train.py flags for the tiny_dir model on the tiny_data sets (conftest fixtures), without evaluation and
+    without the diagnostics (they took most of a tiny run's seconds; tests/test_diagnostics.py asks for them)."""
     domain, general = tiny_data
     return ["--model", tiny_dir, "--data", domain, "--general-data", general, "--out", str(out),
-            "--eval", "none", "--batch-size", "4", *fisher_samples(extra), *extra]
+            "--eval", "none", "--diagnostics", "none", "--batch-size", "4", *fisher_samples(extra), *extra]
 
 
 def read_metrics(out):
