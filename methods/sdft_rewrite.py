@@ -10,11 +10,12 @@ from model.llama import IGNORE_INDEX
 from .base import Method, check_all, option, register
 from .self_distillation import DemonstrationPrompt, cache_file, generate_cached, split_example
 
-# The teacher's context: the training answer as a reference in the user's turn (after Yang et al.'s template,
-# which asks the seed model to answer "using the reference answer as a guide"), or before a plain prompt.
-IN_TURN = ("\n\nA reference answer:\n{demonstration}\n\nUsing the reference answer as a guide, write your own "
-           "answer in your own words.")
-PREFIX = "A reference answer to the question below:\n{demonstration}\n\n"
+# The teacher's context: the training answer shown in the user's turn, then the request to say it again (after
+# Yang et al.'s template, which asks the seed model to answer "using the reference answer as a guide"; with wording
+# that names a "reference answer", the default model often began its rewrite by echoing those words), or the same
+# in front of a plain prompt.
+IN_TURN = "\n\n{demonstration}\n\nThat is one answer to the question. Write the answer again in your own words."
+PREFIX = "{demonstration}\n\nThat is one answer to the question below. Write the answer again in your own words.\n\n"
 
 
 @register("sdft-rewrite")
@@ -23,7 +24,7 @@ class SDFTRewrite(Method):
     Distribution Gap in Language Model Fine-Tuning"). Before training, the unmodified model rewrites each training
     answer y given the prompt x and y itself as a reference,
 
-        ỹ = greedy decode of π₀(· | x with "A reference answer: y ... write your own answer" in its user turn)
+        ỹ = greedy decode of π₀(· | x with "y ... Write the answer again in your own words." in its user turn)
 
     and the fine-tune minimizes the usual cross-entropy on (x, ỹ) instead of (x, y): the targets are in the
     model's own distribution, so fitting them moves the weights less. A rewrite that is empty, or that does not
