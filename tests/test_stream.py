@@ -385,3 +385,13 @@ def test_the_grid_report_reads_each_stage_s_kl_against_the_forgetting_it_caused(
     text = "\n".join(streams.kl_against_forgetting(runs))
     assert "over 6 stages of 3 runs" in text and "-1.00 [-1.00, -1.00], more KL, more forgetting" in text
     assert streams.kl_against_forgetting([("old", "m", {"metrics": {}})]) == []  # records without diagnostics
+
+
+def test_the_committed_stream_with_stage_diagnostics_is_what_its_records_give(tmp_path):
+    committed = REPO / "results" / "stream-diagnostics"
+    copy = tmp_path / "run"
+    shutil.copytree(committed, copy)
+    stream_outputs.rebuild(copy)
+    for f in ("results.json", "report.md", "matrix.csv"):
+        assert (copy / f).read_bytes() == (committed / f).read_bytes(), f
+    assert "## Diagnostics per stage" in (committed / "report.md").read_text()
