@@ -197,9 +197,11 @@ def weights_sha256(model) -> str:
 
 
 def write_atomic_text(file: Path, text: str):
-    """Write to file.tmp, fsync, rename: readers see the old file or the new one, never a partial one, and an
-    exception (Ctrl-C included) mid-write removes the temporary file."""
-    tmp = file.with_name(file.name + ".tmp")
+    """Write to a temporary file beside it, fsync, rename: readers see the old file or the new one, never a
+    partial one, and an exception (Ctrl-C included) mid-write removes the temporary file. The temporary name holds
+    the process id, since several processes may write the same file at once (under torchrun every rank caches the
+    same generated answers): each renames its own, and the last rename wins."""
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
