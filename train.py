@@ -201,8 +201,9 @@ def evaluate_before(model, tok, cfg, base_sha: str) -> dict | None:
 
 
 def set_up_method(method, model, run_ctx, data: Data):
-    """The method sees the untouched model (e.g. a Fisher estimate), may rewrite the replayed examples (e.g.
-    self-replay: the base model's own answers), then decides what trains. Returns (trainable, all) parameters."""
+    """The method sees the untouched model (e.g. a Fisher estimate), may replace the domain's training examples
+    (sdft-rewrite: the model's rewrites) and the replayed ones (self-replay: the base model's own answers), then
+    decides what trains. Returns (trainable, all) parameters."""
     method.setup(model, run_ctx)
     use_train_examples(method, model, run_ctx, data)
     if data.replayed:
