@@ -118,8 +118,9 @@ LEVELS = {
              "arc_easy": 200, "lambada": 200},
     "quick": {"general_qa": 64, "ppl": 32, "domain_recall": 32, "domain_unseen": 32},
     # the study (scripts/sweep.py --protocol): run with split "all", so that one evaluation gives the dev half
-    # that settings are chosen on and the test half that is reported
-    "study": {"general_qa": 200, "ppl": None, "domain_recall": None, "domain_unseen": None,
+    # that settings are chosen on and the test half that is reported; instruction following since the study's
+    # third amendment (the runs before it lack it)
+    "study": {"general_qa": 200, "instructions": None, "ppl": None, "domain_recall": None, "domain_unseen": None,
               "arc_easy": 300, "lambada": 300},
     # after every stage of a task stream (stream.py): the benchmark that moved in the main job and the general
     # prose NLL, the first signal of forgetting to move, at a fraction of "full"'s cost

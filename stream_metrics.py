@@ -207,3 +207,49 @@ def across_runs(runs: list[dict], confidence: float = 0.95) -> dict:
         mean, lo, hi = stats.mean_interval(xs, confidence)
         out[key] = dict(value=mean, ci=[lo, hi] if len(xs) >= 2 else None, n=len(xs))
     return out
+
+
+# ---------------------------------------------------------------- two methods, paired
+def paired_difference(pairs: list[tuple], n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Method A minus method B, each metric, over pairs [(correct_A, correct_B), ...] of sequential runs that
+    trained the same tasks in the same order and evaluated the same test items (one pair per order, or per seed).
+
+        d_k   = metric(A_k) − metric(B_k)          the difference on pair k
+        value = 1/K Σ_k d_k
+
+    Two intervals, as the study gives (a direction is supported only where both exclude zero):
+      "ci_items"  a paired bootstrap over test items: in each resample every (pair, task) draws one set of item
+                  indices, shared by A's and B's every stage (so the two runs stay paired on items, and the stages
+                  within each run too), independently of the other tasks and pairs; `value` is recomputed on each
+                  resample. It holds the sampling of the items, not the run-to-run variation.
+      "ci_runs"   a Student t interval over the K differences (stats.mean_interval): the variation between orders
+                  or seeds; None for K = 1.
+    Returns {metric: {"value", "ci_items", "ci_runs", "per_pair": [d_k], "n": K}} for the SCALARS (value None
+    where the metric is undefined, e.g. BWT with one task). ValueError when a pair's runs differ in their tasks'
+    item counts (accuracy_matrix's checks apply to each run)."""
+    if not pairs:
+        raise ValueError("paired_difference needs at least one pair of runs")
+    q = [(1 - confidence) / 2, (1 + confidence) / 2]
+    per_pair, boots = [], []
+    for k, (a, b) in enumerate(pairs):
+        arrays_a, arrays_b = _task_arrays(a), _task_arrays(b)
+        if [c.shape[1] for c in arrays_a] != [c.shape[1] for c in arrays_b]:
+            raise ValueError(f"pair {k}: the two runs scored different numbers of items per task")
+        n_a = arrays_a[0].shape[0]
+        # one resample of each task's items for both runs: the stages of A and B stacked as rows of one matrix
+        boot = bootstrap_R([np.concatenate([ca, cb]) for ca, cb in zip(arrays_a, arrays_b)], n_boot, seed + k)
+        ma, mb = _metrics(boot[:, :n_a], False), _metrics(boot[:, n_a:], False)
+        boots.append({key: None if ma[key] is None else ma[key] - mb[key] for key in SCALARS})
+        ra, rb = (transfer_metrics(np.stack([c.mean(axis=1) for c in arrays], axis=1)) for arrays in (arrays_a, arrays_b))
+        per_pair.append({key: None if ra[key] is None else ra[key] - rb[key] for key in SCALARS})
+    out = {}
+    for key in SCALARS:
+        ds = [d[key] for d in per_pair]
+        if any(d is None for d in ds):
+            out[key] = dict(value=None, ci_items=None, ci_runs=None, per_pair=ds, n=len(ds))
+            continue
+        pooled = np.mean([b[key] for b in boots], axis=0)
+        mean, lo, hi = stats.mean_interval(ds, confidence)
+        out[key] = dict(value=float(np.mean(ds)), ci_items=np.quantile(pooled, q).tolist(),
+                        ci_runs=[lo, hi] if len(ds) >= 2 else None, per_pair=ds, n=len(ds))
+    return out

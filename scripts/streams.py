@@ -16,6 +16,9 @@ The report (<results>/report.md, summary.csv, summary.png):
     per run      ACC, BWT, FWT, forgetting and learning accuracy with their paired-bootstrap intervals over test
                  items, and the general ability after the last stage against the base model
     per method   the mean of each metric over its runs (orders, or seeds) with a Student t interval
+    paired       with a "baseline" method in the protocol: every sequential method minus it on the orders both
+                 ran, on the same test items, with a paired bootstrap over items and a t interval over orders
+                 (stream_metrics.paired_difference)
     summary.png  average accuracy against backward transfer, one point per method with its t intervals
 """
 import csv
@@ -30,7 +33,8 @@ from pathlib import Path
 
 from errors import ArgumentParser, ForgetlabError, read_json_object, run_cli
 from stats import clustered_rank_correlation
-from stream_metrics import across_runs
+from stream_metrics import across_runs, paired_difference
+from stream_outputs import correct_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = ("config.json", "results.json", "report.md", "matrix.csv", "matrix.png")
@@ -48,6 +52,8 @@ def read_protocol(path) -> dict:
     for name, m in p["methods"].items():
         if not (isinstance(m, dict) and isinstance(m.get("flags"), list)):
             raise ForgetlabError(f"{path}: method {name!r} needs {{\"flags\": [...]}}")
+    if "baseline" in p and p["baseline"] not in p["methods"]:
+        raise ForgetlabError(f"{path}: baseline {p['baseline']!r} is not one of the methods")
     return p
 
 
@@ -171,6 +177,7 @@ def write_report(results: Path) -> str:
         m = r["metrics"]
         general = "; ".join(f"{k} {fmt(d, ci, 3)} {v}" for k, (d, ci, v) in general_change(r).items())
         lines.append(f"| {run} | " + " | ".join(fmt(m[k], m[f"{k}_ci"]) for k in METRICS[:4]) + f" | {general} |")
+    lines += against_baseline(p, results, runs)
     lines += kl_against_forgetting(runs)
     cost = sum(r["seconds"]["train"] + r["seconds"]["eval"] for _, _, r in runs)
     lines += ["", f"Compute: {cost / 3600:.1f} hours of training and evaluation in all (the runs' own seconds, "
@@ -180,6 +187,57 @@ def write_report(results: Path) -> str:
     (results / "summary.csv").write_text(summary_csv(runs))
     plot_summary(methods, per_method, results / "summary.png")
     return report
+
+
+def run_correct(results: Path, run: str, r: dict) -> list:
+    """correct[i][j] of a finished run, from its stages' per-item records (stream_outputs.correct_matrix)."""
+    stages = [read_json_object(results / "runs" / run / f"stage-{i}" / "eval.json", "stage evaluation")
+              for i in range(2 if r["joint"] else len(r["tasks"]) + 1)]
+    return correct_matrix(stages, r["tasks"])
+
+
+def against_baseline(p: dict, results: Path, runs) -> list[str]:
+    """The report's paired comparisons: every sequential method minus the protocol's "baseline", on the orders
+    (and seeds) both ran, on the same test items (stream_metrics.paired_difference). No lines without a baseline
+    in the protocol or without a pair."""
+    base = p.get("baseline")
+    by_key = {(name, r["order"], r["seed"]): (run, r) for run, name, r in runs}
+    rows = []
+    for m in dict.fromkeys(name for _, name, r in runs if name != base and not r["joint"]):
+        keys = [(o, s) for (name, o, s) in by_key if name == m and (base, o, s) in by_key]
+        if not keys:
+            continue
+        pairs = [tuple(run_correct(results, *by_key[(who, o, s)]) for who in (m, base)) for o, s in keys]
+        rows.append((m, len(pairs), paired_difference(pairs)))
+    if not rows:
+        return []
+    def cell(d, ci):
+        return fmt(d["value"], d[ci])
+    lines = ["", f"## Each method minus {base}, paired", "",
+             "On the orders both ran, the same test items: the difference of each metric averaged over the orders, "
+             "with a 95% paired bootstrap over test items (each order's and task's items resampled alike for both "
+             "methods) and a 95% Student t interval over the orders (wide with few orders). A direction is "
+             "supported only where both intervals exclude zero.", "",
+             "| difference | orders | interval | ACC | BWT | FWT | forgetting | LA |", "|---|---:|---|---|---|---|---|---|"]
+    for m, n, d in rows:
+        for ci, label in (("ci_items", "items"), ("ci_runs", "orders")):
+            lines.append(f"| {m} − {base} | {n} | {label} | " + " | ".join(cell(d[k], ci) for k in METRICS) + " |")
+    lines += ["", "Verdicts (higher is better for ACC, BWT, FWT and LA; lower for forgetting):", ""]
+    for m, n, d in rows:
+        if n == 1:
+            lines.append(f"- {m} − {base} (1 order): no verdict, since one order has no interval over orders")
+            continue
+        said = []
+        for k, label in zip(METRICS, ("ACC", "BWT", "FWT", "forgetting", "LA")):
+            x = d[k]
+            if x["value"] is None:
+                continue
+            if any(ci[0] <= 0 <= ci[1] for ci in (x["ci_items"], x["ci_runs"])):
+                said.append(f"{label} no detectable difference")
+            else:
+                said.append(f"{label} {'higher' if x['value'] > 0 else 'lower'}")
+        lines.append(f"- {m} − {base} ({n} order{'s' * (n > 1)}): " + "; ".join(said))
+    return lines
 
 
 def kl_against_forgetting(runs) -> list[str]:

@@ -35,6 +35,8 @@ Quantities (per run and split; "before" = the base model on the same items):
     recall_acc, unseen_acc      strict-match accuracy after, and their gains (after - before)
     forgetting       general-text NLL (ppl) after - before, nats/token: higher = forgot more
     lambada_nll      LAMBADA target-word NLL after - before; lambada, arc_easy, general_qa: accuracy after - before
+    instructions     the instruction-following pass rate after - before (the study level has it since the third
+                     amendment; its column appears where the runs have it)
 Over seeds: the mean and its 95% Student-t interval; against full fine-tuning: the difference at the same seed,
 mean and t interval over the seeds (paired by seed).
 """
@@ -51,7 +53,7 @@ QUANTITIES = {
     "recall_acc_gain": ("domain_recall", "accuracy", +1), "unseen_acc_gain": ("domain_unseen", "accuracy", +1),
     "forgetting": ("ppl", "nll", +1), "lambada_nll": ("lambada", "nll", +1),
     "lambada": ("lambada", "acc", +1), "arc_easy": ("arc_easy", "acc", +1), "general_qa": ("general_qa", "accuracy", +1),
-    "heldout_gain": ("domain_heldout", "nll", -1),
+    "heldout_gain": ("domain_heldout", "nll", -1), "instructions": ("instructions", "pass_rate", +1),
 }
 LEVELS_AFTER = {"recall_acc": ("domain_recall", "accuracy"), "unseen_acc": ("domain_unseen", "accuracy")}
 SELECTION_RULES = ("least-forgetting-above-gain",)
@@ -165,6 +167,21 @@ def differences(a: dict, b: dict) -> tuple[int, int, float]:
             largest = max([largest, *gaps])
             differ += any(x[k] != y[k] for k in x)
     return compared, differ, largest
+
+
+def later_base(saved: dict, evaluated: dict) -> tuple[dict, tuple[int, int, float], list[str]]:
+    """A later sitting's evaluation of the base model (`evaluated`) against base.json's (`saved`), both
+    {weights_sha256, eval, items}: (what base.json holds from now on, differences() on the tasks both have, the
+    tasks added). The items base.json holds stay as they are, since every run so far was read against them; a task
+    the later sitting's level has and base.json lacks is added (the study level gained instruction following in the
+    third amendment). A ForgetlabError when the two evaluated other weights."""
+    if saved.get("weights_sha256") != evaluated.get("weights_sha256"):
+        raise ForgetlabError(f"the base model evaluated in this sitting has other weights "
+                             f"({evaluated.get('weights_sha256')}) than base.json's ({saved.get('weights_sha256')})")
+    shared = [t for t in saved["items"] if t in evaluated["items"]]
+    compared = differences({t: saved["items"][t] for t in shared}, {t: evaluated["items"][t] for t in shared})
+    added = [t for t in evaluated["items"] if t not in saved["items"]]
+    return {**saved, "items": {**saved["items"], **{t: evaluated["items"][t] for t in added}}}, compared, added
 
 
 def split_metrics(items: dict, split: str) -> dict:

@@ -63,13 +63,23 @@ ITEM_COLUMNS = {"recall_gain": ("domain_recall", "nll", True, -1), "unseen_gain"
                 "forgetting": ("ppl", "nll", True, +1), "lambada_nll": ("lambada", "nll", False, +1),
                 "lambada": ("lambada", "correct", False, +1), "arc_easy": ("arc_easy", "correct", False, +1),
                 "general_qa": ("general_qa", "correct", False, +1),
-                "heldout_gain": ("domain_heldout", "nll", True, -1)}
+                "heldout_gain": ("domain_heldout", "nll", True, -1),
+                "instructions": ("instructions", "passed", False, +1)}
 OWN_DATA = "heldout_gain"  # a study on one's own --data: its tables gain the column only where runs have it
+# the instruction-following pass rate: in the study level since its third amendment, so the runs made before it
+# lack it; its column appears only where runs have it (the committed report stays what its records give)
+INSTRUCTIONS = "instructions"
+OPTIONAL = (OWN_DATA, INSTRUCTIONS)
 
 
 def with_own_data(cols: list[str], rows: list[dict]) -> list[str]:
     """`cols`, and heldout_gain after them when any row has it (a study on the drug sets never does)."""
     return cols + [OWN_DATA] if any(r.get(OWN_DATA) is not None for r in rows) else cols
+
+
+def with_instructions(cols: list[str], rows: list[dict]) -> list[str]:
+    """`cols`, and the instruction-following column after them when any row has it."""
+    return cols + [INSTRUCTIONS] if any(r.get(INSTRUCTIONS) is not None for r in rows) else cols
 
 
 def seed_mean(items_of_runs: list[dict], task: str, field: str) -> dict:
@@ -126,6 +136,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     chosen = select(protocol, dev)
     first = protocol["seeds"][0]
     dev_columns, test_learn = with_own_data(DEV_COLUMNS, rows), with_own_data(TEST_LEARN, rows)
+    test_forget = with_instructions(TEST_FORGET, rows)
     out = ["# The study: results", "",
            f"Rebuilt by `python scripts/sweep.py --report DIR` from protocol.json, base.json and runs/*.json alone. "
            f"{len(runs)} runs; CPU time {sum(r.get('cpu_s') or 0 for r in runs) / 3600:.1f} h "
@@ -150,14 +161,14 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     setting = {name: params for name, _, params in groups}
     ref = protocol["selection"]["reference"]
     for title, cols in (("learning (higher = learnt more)", test_learn),
-                        ("forgetting (NLL: higher = forgot more; accuracies: lower = forgot more)", TEST_FORGET)):
+                        ("forgetting (NLL: higher = forgot more; accuracies: lower = forgot more)", test_forget)):
         out += ["", f"## Test, chosen settings: {title}", "",
                 "Mean over seeds with its 95% t interval; each value is after − before on the test split.", "",
                 "| method | setting | seeds | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
         for m, rs in test.items():
             cells = [over_seeds([r[c] for r in rs]) for c in cols]
             out.append(f"| {m} | {label(setting[m])} | {len(rs)} | " + " | ".join(cells) + " |")
-    cols = with_own_data(TEST_LEARN[:2], rows) + TEST_FORGET
+    cols = with_own_data(TEST_LEARN[:2], rows) + test_forget
     pairings = [(f"each method minus {ref}", [(m, ref) for m in test if m != ref and m in chosen])] if ref in test else []
     controls = [(name, c["like"]) for name, c in protocol.get("controls", {}).items() if name in test]
     pairings += [("each control minus the method it controls", [(c, like) for c, like in controls])] if controls else []
@@ -174,7 +185,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
                      for c in cols]
             out.append(f"| {a_name} − {b_name} | {len(pairs)} | " + " | ".join(cells) + " |")
     items = {name: [record_of(runs, r)["items"] for r in rs] for name, rs in test.items()}
-    cols = with_own_data([c for c in ITEM_COLUMNS if c != OWN_DATA], rows)
+    cols = with_instructions(with_own_data([c for c in ITEM_COLUMNS if c not in OPTIONAL], rows), rows)
     out += ["", "## Test, per item: the change averaged over seeds, paired by item", "",
             "Each item's after − before averaged over the seeds (token-weighted for the NLLs), then the mean over the "
             "test items with a 95% paired bootstrap interval over items: it holds the sampling of the items.", "",
@@ -199,7 +210,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             "side; otherwise no detectable change.", ""]
     for m, rs in test.items():
         if m in per_item:
-            f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in TEST_FORGET}
+            f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in test_forget}
             out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
     return "\n".join(out) + "\n"
 
@@ -216,7 +227,7 @@ def kl_against_forgetting(runs: list[dict], test_rows: list[dict]) -> list[str]:
            f"Spearman's ρ between each run's KL(π₀ ‖ π) on 32 of its training prompts and its forgetting on the test "
            f"split, over the {len(pairs)} runs whose records have the KL (95% bootstrap over runs; above 0: the runs "
            f"that moved further from the base forgot more).", "", "| forgetting | ρ | reading |", "|---|---|---|"]
-    for c in TEST_FORGET:
+    for c in with_instructions(TEST_FORGET, test_rows):
         worse = 1 if c in WORSE_WHEN_HIGHER else -1  # oriented so that higher = forgot more
         xy = [[(kl, worse * r[c])] for kl, r in pairs if r[c] is not None]
         if len(xy) < 3:
@@ -230,12 +241,12 @@ def kl_against_forgetting(runs: list[dict], test_rows: list[dict]) -> list[str]:
     return out
 
 
-CSV_COLUMNS = ["method", "setting", "seed", "split", *(q for q in QUANTITIES if q != OWN_DATA), *LEVELS_AFTER,
+CSV_COLUMNS = ["method", "setting", "seed", "split", *(q for q in QUANTITIES if q not in OPTIONAL), *LEVELS_AFTER,
                "wall_s", "cpu_s"]
 
 
 def report_csv(rows: list[dict]) -> str:
-    columns = CSV_COLUMNS + ([OWN_DATA] if any(r.get(OWN_DATA) is not None for r in rows) else [])
+    columns = with_instructions(with_own_data(CSV_COLUMNS, rows), rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()

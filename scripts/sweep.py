@@ -340,11 +340,15 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
             base = dict(weights_sha256=saved_before["weights_sha256"], eval=saved_before["eval"],
                         items=study.compact(saved_before["results"]))
             if (results / "base.json").is_file():  # a later sitting evaluated the base again: does it reproduce?
-                n, differ, largest = study.differences(json.loads((results / "base.json").read_text())["items"],
-                                                       base["items"])
+                kept, (n, differ, largest), added = study.later_base(
+                    json.loads((results / "base.json").read_text()), base)
                 print(f"study: the base model evaluated again in this sitting: {differ} of {n} items differ from "
                       f"{results / 'base.json'} (largest score difference {largest:.5f}); the report reads "
                       f"base.json", file=sys.stderr)
+                if added:
+                    write_atomic_text(results / "base.json", json.dumps(kept) + "\n")
+                    print(f"study: base.json gains the tasks this sitting's level has and it lacked: "
+                          f"{', '.join(added)}", file=sys.stderr)
             else:
                 write_atomic_text(results / "base.json", json.dumps(base) + "\n")
         write_atomic_text(record, json.dumps(study_record(run, run_dir, argv, wall, cpu, peak)) + "\n")

@@ -387,6 +387,34 @@ def test_the_grid_report_reads_each_stage_s_kl_against_the_forgetting_it_caused(
     assert streams.kl_against_forgetting([("old", "m", {"metrics": {}})]) == []  # records without diagnostics
 
 
+def test_the_grid_report_compares_each_method_with_the_baseline_on_the_same_items(tmp_path):
+    from scripts import streams
+
+    def write_run(name, order, finals):
+        """A 2-task run: task x learnt at stage 1 (all 4 items right), its final verdicts `finals`; task y all right
+        from stage 2 on."""
+        verdicts = [([False] * 4, [False] * 4), ([True] * 4, [False] * 4), (finals, [True] * 4)]
+        for i, (x, y) in enumerate(verdicts):
+            stage = tmp_path / "runs" / name / f"stage-{i}"
+            stage.mkdir(parents=True)
+            tasks = {t: {"items": [dict(id=f"{t}{k}", correct=c) for k, c in enumerate(v)]} for t, v in (("x", x), ("y", y))}
+            (stage / "eval.json").write_text(json.dumps({"tasks": tasks}))
+        return (name, name.split("-")[0], dict(order=order, seed=0, joint=False, tasks=["x", "y"]))
+
+    # on order 1 the method keeps 3 of task x's 4 items where the baseline keeps 1, on order 2 it keeps 4 against 2:
+    # BWT differences +0.5 and +0.5, ACC differences +0.25 and +0.25
+    runs = [write_run("m-o1", "1", [True, True, True, False]), write_run("base-o1", "1", [True, False, False, False]),
+            write_run("m-o2", "2", [True] * 4), write_run("base-o2", "2", [True, True, False, False])]
+    text = "\n".join(streams.against_baseline({"baseline": "base"}, tmp_path, runs))
+    assert "| m − base | 2 | orders | 0.250 [0.250, 0.250] | 0.500 [0.500, 0.500] |" in text
+    assert "- m − base (2 orders): ACC higher; BWT higher;" in text
+    assert streams.against_baseline({}, tmp_path, runs) == []  # a protocol without a baseline
+    bad = dict(benchmark="b", orders=["1"], seeds=[0], stream_flags=[], methods={"m": {"flags": []}}, baseline="base")
+    (tmp_path / "p.json").write_text(json.dumps(bad))
+    with pytest.raises(ForgetlabError, match="baseline 'base' is not one of the methods"):
+        streams.read_protocol(tmp_path / "p.json")
+
+
 def test_the_committed_stream_with_stage_diagnostics_is_what_its_records_give(tmp_path):
     committed = REPO / "results" / "stream-diagnostics"
     copy = tmp_path / "run"

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import stats
-from stream_metrics import accuracy_matrix, across_runs, earlier_task_change, stream_metrics, transfer_metrics
+from stream_metrics import (accuracy_matrix, across_runs, earlier_task_change, paired_difference, stream_metrics,
+                            transfer_metrics)
 
 # T = 3 tasks, rows: zero-shot, after task 0, after task 1, after task 2. Task 0 is best after task 1 (0.9), not
 # right after its own training (0.8), so forgetting's max differs from BWT's "just after training".
@@ -186,3 +187,47 @@ def test_across_runs_of_one_run_has_no_interval():
     assert out["bwt"] == dict(value=None, ci=None, n=0)
     with pytest.raises(ValueError):
         across_runs([])
+
+
+# ---------------------------------------------------------------- two methods, paired
+# A second run on R3's tasks and items: task 0 kept better (final 0.8), task 1 learnt less (0.6 just after).
+R3_B = [[0.2, 0.3, 0.4],
+        [0.8, 0.35, 0.45],
+        [0.85, 0.6, 0.5],
+        [0.8, 0.55, 0.75]]
+# against R3: ACC (0.8 + 0.55 + 0.75)/3 = 0.7 vs 0.633333 -> R3 − R3_B = −0.066667
+#             BWT ((0.8 − 0.8) + (0.55 − 0.6))/2 = −0.025 vs −0.2 -> −0.175
+#             LA  (0.8 + 0.6 + 0.75)/3 = 0.716667 vs 0.766667 -> +0.05
+
+
+def test_paired_difference_matches_hand_computed_values():
+    d = paired_difference([(_booleans(R3, 20), _booleans(R3_B, 20))], n_boot=200)
+    assert d["acc"]["value"] == pytest.approx(1.9 / 3 - 0.7)
+    assert d["bwt"]["value"] == pytest.approx(-0.175)
+    assert d["learning_acc"]["value"] == pytest.approx(0.05)
+    assert d["acc"]["ci_runs"] is None and d["acc"]["n"] == 1  # one pair: no interval over runs
+    assert d["acc"]["ci_items"][0] <= d["acc"]["value"] <= d["acc"]["ci_items"][1]
+
+
+def test_paired_difference_of_a_run_with_itself_is_exactly_zero_on_every_resample(random_stream):
+    # the two runs draw the same items in every resample: a difference of identical runs cannot move
+    d = paired_difference([(random_stream, random_stream)] * 2, n_boot=200)
+    for key in ("acc", "bwt", "fwt", "forgetting", "learning_acc"):
+        assert d[key]["value"] == 0.0
+        assert d[key]["ci_items"] == [0.0, 0.0] and d[key]["ci_runs"] == [0.0, 0.0]
+
+
+def test_paired_difference_over_pairs_is_their_mean_with_a_t_interval():
+    a2 = [[0.1, 0.2, 0.3], [0.9, 0.2, 0.3], [0.8, 0.9, 0.3], [0.5, 0.6, 0.9]]
+    pairs = [(_booleans(R3, 20), _booleans(R3_B, 20)), (_booleans(a2, 20), _booleans(R3_B, 20))]
+    d = paired_difference(pairs, n_boot=200)
+    per = [transfer_metrics(a)["bwt"] - transfer_metrics(R3_B)["bwt"] for a in (R3, a2)]
+    assert d["bwt"]["per_pair"] == pytest.approx(per)
+    mean, lo, hi = stats.mean_interval(per)
+    assert d["bwt"]["value"] == pytest.approx(mean)
+    assert d["bwt"]["ci_runs"] == pytest.approx([lo, hi])
+
+
+def test_paired_difference_refuses_runs_on_different_items():
+    with pytest.raises(ValueError, match="different numbers of items"):
+        paired_difference([(_booleans(R3, 20), _booleans(R3_B, 10))])

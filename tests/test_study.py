@@ -91,6 +91,18 @@ def test_two_evaluations_of_the_base_model_are_compared_item_by_item():
     assert study.differences(a, b) == (4, 3, 0.25)  # t:2's nll, q:1's answer, and q:2 found in b only
 
 
+def test_a_later_sitting_adds_the_tasks_base_json_lacks_and_keeps_the_items_it_has():
+    saved = dict(weights_sha256="w", eval="study", items={"ppl": [{"id": "t:1", "nll": 2.5, "tokens": 10}]})
+    again = dict(weights_sha256="w", eval="study", items={"ppl": [{"id": "t:1", "nll": 2.75, "tokens": 10}],
+                                                          "instructions": [{"id": "i:1", "passed": True}]})
+    kept, compared, added = study.later_base(saved, again)
+    assert added == ["instructions"] and compared == (1, 1, 0.25)  # the new task is not a difference
+    assert kept["items"] == {"ppl": saved["items"]["ppl"], "instructions": again["items"]["instructions"]}
+    assert study.later_base(saved, saved) == (saved, (1, 0, 0.0), [])
+    with pytest.raises(ForgetlabError, match="other weights"):
+        study.later_base(saved, dict(again, weights_sha256="v"))
+
+
 def test_controls_take_the_setting_chosen_for_the_method_they_control():
     protocol = dict(PROTOCOL, controls={"l2": {"method": "l2-init", "like": "ewc",
                                                "rename": {"ewc.lambda": "l2-init.lambda"}},
@@ -241,3 +253,32 @@ def test_the_report_ranks_the_runs_kl_against_their_forgetting_once_records_have
     text = (copy / "study.md").read_text()
     assert f"over the {len(test_rows)} runs whose records have the KL" in text
     assert "| forgetting | +1.00 [+1.00, +1.00] | more KL, more forgetting |" in text
+
+
+def test_the_instruction_following_column_appears_where_runs_have_it_and_is_the_pass_rate_change(tmp_path):
+    """The fixture's records, some with instruction-following items (the study level has them since its third
+    amendment): the forgetting tables gain the column, each run's value its test pass rate after − before, and
+    the runs without the items show none."""
+    copy = tmp_path / "study"
+    shutil.copytree(FIXTURE, copy)
+
+    def checks(passed):
+        return [{"id": f"if:{i}", "split": "dev" if i % 2 else "test", "passed": p} for i, p in enumerate(passed)]
+
+    base = json.loads((copy / "base.json").read_text())
+    base["items"]["instructions"] = checks([True, True, False, False, True, False])  # test: items 0, 2, 4
+    (copy / "base.json").write_text(json.dumps(base))
+    files = sorted((copy / "runs").glob("*.json"))
+    for f in files[:-1]:  # the last run predates the column
+        r = json.loads(f.read_text())
+        r["items"]["instructions"] = checks([True, False, True, False, True, False])  # test pass rate 3/3 vs 2/3
+        f.write_text(json.dumps(r))
+    sweep.main(["--report", str(copy)])
+    md = (copy / "study.md").read_text()
+    header = next(x for x in md.splitlines() if x.startswith("| method | setting | seeds | forgetting"))
+    assert header.split("|")[-2].strip() == "instructions"
+    rows = [r for r in study_report.rows_of(*study.read_results_dir(copy)) if r["split"] == "test"]
+    assert [r["instructions"] for r in rows].count(None) == 1
+    assert {round(r["instructions"], 6) for r in rows if r["instructions"] is not None} == {round(1 / 3, 6)}
+    assert "instructions" in (copy / "study.csv").read_text().splitlines()[0]
+    assert "instructions" not in (FIXTURE / "study.md").read_text()  # records without it: no column
