@@ -10,6 +10,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import stats
 
 
@@ -204,6 +206,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             cells = [interval_text(item_interval(a_items, b_items, c) if seeds else None) for c in cols]
             out.append(f"| {a_name} − {b_name} | {len(seeds)} | " + " | ".join(cells) + " |")
 
+    out += ranking(items, base, rows)
     out += kl_against_forgetting(runs, [r for r in rows if r["split"] == "test"])
     out += ["", "## Verdicts on the test split", "",
             "A direction only where the interval over seeds and the per-item interval both exclude zero, on the same "
@@ -213,6 +216,62 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in test_forget}
             out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
     return "\n".join(out) + "\n"
+
+
+RANKED = ["recall_gain", "forgetting", "lambada_nll", "general_qa", "arc_easy", "lambada"]  # + instructions
+
+
+def item_changes(items_of_runs: list[dict], base: dict, column: str, ids: list) -> np.ndarray:
+    """runs × items: each run's signed change of `column` on the test items `ids` (after − before; before − after
+    for a gain), ITEM_COLUMNS's per-item form of the study's quantities."""
+    task, field, _, sign = ITEM_COLUMNS[column]
+    before = {it["id"]: float(it[field]) for it in base[task]}
+    return np.array([[sign * (float(a[i]) - before[i]) for i in ids]
+                     for a in ({it["id"]: it[field] for it in items[task]} for items in items_of_runs)])
+
+
+def ranking(test_items: dict, base: dict, rows: list[dict]) -> list[str]:
+    """The study.md section that ranks every method and control on each quantity (stats.rank_intervals: items
+    and seeds resampled together), so that the order the README gives is the one the intervals allow. A control
+    that is a method's very runs is ranked once, under both names."""
+    merged = {}
+    for name, its in test_items.items():
+        if its:  # a control that is a method's setting holds the very same record objects
+            merged.setdefault(tuple(map(id, its)), ([], its))[0].append(name)
+    groups = {" = ".join(names): its for names, its in merged.values()}
+    if len(groups) < 2:
+        return []
+    cols = with_instructions(RANKED, rows)
+    ranked = {}
+    for c in cols:
+        task, field, weighted, _ = ITEM_COLUMNS[c]
+        having = {g: its for g, its in groups.items() if all(task in x for x in its)}
+        if len(having) < 2:
+            continue
+        scored = [{y["id"] for y in x[task]} for its in having.values() for x in its]
+        test = [it for it in base[task] if it["split"] == "test" and all(it["id"] in ids for ids in scored)]
+        ids, weights = [it["id"] for it in test], [it.get("tokens", 1) for it in test] if weighted else None
+        ranked[c] = stats.rank_intervals({g: item_changes(its, base, c, ids) for g, its in having.items()},
+                                         weights, higher_is_better=c not in WORSE_WHEN_HIGHER and c != "forgetting")
+    order = sorted(groups, key=lambda g: ranked["forgetting"][g]["rank"] if g in ranked.get("forgetting", {}) else 99)
+    out = ["", "## Ranking on the test split", "",
+           "Each method's change (seed-averaged, the test items' mean, token-weighted for the NLLs) and its rank "
+           "among the methods, 1 = best (the most learnt; the least forgotten), with a 95% bootstrap interval "
+           "that resamples the test items (alike for every method) and each method's seeds (stats.rank_intervals). "
+           "Two methods whose rank intervals overlap are not ordered by these data. Sorted by the general-text "
+           "forgetting.", "",
+           "| method | seeds | " + " | ".join(c for c in cols if c in ranked) + " |",
+           "|---|---|" + "---|" * len(ranked)]
+    for g in order:
+        cells = []
+        for c in cols:
+            if c not in ranked:
+                continue
+            r = ranked[c].get(g)
+            lo, hi = r["rank_ci"] if r else (0, 0)
+            cells.append("–" if r is None else f"{fmt(r['value'])}, {r['rank']:g} [{lo:g}–{hi:g}]")
+        out.append(f"| {g} | {len(groups[g])} | " + " | ".join(cells) + " |")
+    return out
 
 
 def kl_against_forgetting(runs: list[dict], test_rows: list[dict]) -> list[str]:

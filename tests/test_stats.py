@@ -273,3 +273,28 @@ def test_the_clustered_correlation_resamples_whole_clusters():
     assert r["rho"] == pytest.approx(1.0) and r["ci"] == pytest.approx([1.0, 1.0])
     assert (r["n_pairs"], r["n_clusters"]) == (12, 4)
     assert stats.clustered_rank_correlation(clusters[:2])["ci"] is None  # two runs: no interval
+
+
+def test_rank_intervals_order_well_separated_groups_exactly_and_leave_equal_ones_unordered():
+    rng = np.random.default_rng(0)
+    noise = lambda: rng.normal(0, 0.01, size=(3, 40))  # noqa: E731
+    groups = {"low": 0.1 + noise(), "high": 0.9 + noise(), "mid-a": 0.5 + noise(), "mid-b": 0.5 + noise()}
+    r = stats.rank_intervals(groups, n_boot=500)
+    assert (r["high"]["rank"], r["high"]["rank_ci"]) == (1.0, [1.0, 1.0])
+    assert (r["low"]["rank"], r["low"]["rank_ci"]) == (4.0, [4.0, 4.0])
+    assert r["mid-a"]["rank_ci"] == r["mid-b"]["rank_ci"] == [2.0, 3.0]  # the data cannot order them
+    lower = stats.rank_intervals(groups, higher_is_better=False, n_boot=500)
+    assert lower["low"]["rank"] == 1.0 and lower["high"]["rank"] == 4.0
+    assert r["mid-a"]["value"] == pytest.approx(groups["mid-a"].mean())
+    assert stats.rank_intervals(groups, n_boot=500) == r  # deterministic in the seed
+
+
+def test_rank_intervals_weight_items_and_share_tied_ranks():
+    # a is better on the heavy item, b on the light one: the weights decide
+    groups = {"a": np.array([[1.0, 0.0]]), "b": np.array([[0.0, 1.0]])}
+    r = stats.rank_intervals(groups, weights=[3, 1], n_boot=200)
+    assert r["a"]["value"] == pytest.approx(0.75) and r["a"]["rank"] == 1.0
+    tied = stats.rank_intervals({"x": np.ones((2, 3)), "y": np.ones((2, 3))}, n_boot=50)
+    assert tied["x"]["rank"] == tied["y"]["rank"] == 1.5
+    with pytest.raises(ValueError, match="same items"):
+        stats.rank_intervals({"x": np.ones((2, 3)), "y": np.ones((2, 4))})

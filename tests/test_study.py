@@ -282,3 +282,35 @@ def test_the_instruction_following_column_appears_where_runs_have_it_and_is_the_
     assert {round(r["instructions"], 6) for r in rows if r["instructions"] is not None} == {round(1 / 3, 6)}
     assert "instructions" in (copy / "study.csv").read_text().splitlines()[0]
     assert "instructions" not in (FIXTURE / "study.md").read_text()  # records without it: no column
+
+
+def test_the_ranking_gives_each_method_its_per_item_change_and_a_rank_interval(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(FIXTURE, source)
+    tokens = {it["id"]: it["tokens"] for items in json.loads((source / "base.json").read_text())["items"].values()
+              for it in items if "tokens" in it}
+    for f in (source / "runs").glob("*.json"):  # as in real runs, an item's reference has the same tokens after
+        r = json.loads(f.read_text())
+        for it in (it for items in r["items"].values() for it in items if "tokens" in it):
+            it["tokens"] = tokens[it["id"]]
+        f.write_text(json.dumps(r))
+    copy = rebuild(source, tmp_path)
+    md = (copy / "study.md").read_text().splitlines()
+    start = md.index("## Ranking on the test split")
+    header = next(x for x in md[start:] if x.startswith("| method | seeds |"))
+    rows = [x for x in md[md.index(header) + 2:] if x.startswith("|")]
+    section = md.index("## Test, per item: the change averaged over seeds, paired by item")
+    section = md[section:next(i for i in range(section + 1, len(md)) if md[i].startswith("## "))]
+    per_item = {x.split("|")[1].strip(): x for x in section if x.startswith("| ")}
+    columns = [c.strip() for c in header.split("|")[3:-1]]
+    assert {r.split("|")[1].strip() for r in rows} == {"full", "ewc", "l2-init-at-ewc-lambda"}
+    item_header = [c.strip() for c in per_item["method"].split("|")[1:-1]]
+    for row in rows:
+        name, cells = row.split("|")[1].strip(), [c.strip() for c in row.split("|")[3:-1]]
+        for column, cell in zip(columns, cells):
+            value, rank = cell.split(", ")
+            expected = per_item[name].split("|")[1:-1][item_header.index(column)].split(" [")[0].strip()
+            assert value == expected, (name, column)  # the same seed-averaged per-item change
+            r, interval = rank.split(" [")
+            lo, hi = (float(x) for x in interval.rstrip("]").split("–"))
+            assert 1 <= lo <= float(r) <= hi <= 3
