@@ -7,8 +7,11 @@ The protocol (a JSON file, copied into the results directory as protocol.json) n
     train_flags   the regime: train.py flags every run gets (data, epochs, the evaluation level, ...)
     description   free text (not compared when a study resumes)
     methods       {method: {grid key: [values]}}: every method gets the same number of settings
-    controls      {name: {method, like, rename, params}}: run with every seed at the setting chosen for the
-                  method it is `like` (keys renamed, params added), e.g. l2-init at EWC's λ (optional)
+    controls      {name: {method, like, rename, params, own_runs}}: run with every seed at the setting chosen for
+                  the method it is `like` (keys renamed, params added), e.g. l2-init at EWC's λ (optional). A
+                  control that is a method's very setting shares that method's runs, unless "own_runs": true
+                  gives it runs of its own, named after it: a setting made again in a later sitting, e.g. so that
+                  it has the tasks a later evaluation level added
     compare       [[A, B], ...]: further differences A − B to report, paired (optional; not compared on resume)
     seeds         the seeds of the reported runs; the first one is also the seed of the dev stage
     selection     the rule that picks each method's setting on the dev split (select(), below)
@@ -95,6 +98,7 @@ def check_protocol(protocol: dict, where: str, grid_keys=None) -> dict:
         need(isinstance(c, dict) and c.get("method") and c.get("like") in methods,
              f"controls.{name} needs a method and 'like', one of the methods (whose chosen setting it takes)")
         need(name not in methods, f"controls.{name}: a control may not be named like a method")
+        need(isinstance(c.get("own_runs", False), bool), f"controls.{name}.own_runs must be true or false")
     compare = protocol.get("compare", [])
     need(isinstance(compare, list) and all(isinstance(c, list) and len(c) == 2 and set(c) <= set(methods) | set(controls)
                                            for c in compare),
@@ -234,7 +238,7 @@ def select(protocol: dict, dev_rows: list[dict]) -> dict:
     for m in protocol["methods"]:
         rows = []
         for params in settings(protocol, m):
-            found = [r for r in dev_rows if r["method"] == m and r["params"] == params and r["seed"] == seed]
+            found = [r for r in dev_rows if of_group(r, m, params) and r["seed"] == seed]
             rows.append(found[0] if found else None)
         by_method[m] = rows
     ref = by_method[rule["reference"]]
@@ -256,14 +260,22 @@ def select(protocol: dict, dev_rows: list[dict]) -> dict:
     return chosen
 
 
-def test_groups(protocol: dict, chosen: dict) -> list[tuple[str, str, dict]]:
-    """(name, method, params) of everything the test stage runs with every seed: each method at its chosen setting,
-    then each control at the setting chosen for the method it is `like` (keys renamed, its params added), e.g.
-    l2-init at EWC's λ, or EWC with the true Fisher."""
-    groups = [(m, m, c["params"]) for m, c in chosen.items()]
+def test_groups(protocol: dict, chosen: dict) -> list[tuple[str, str, dict, str | None]]:
+    """(name, method, params, own) of everything the test stage runs with every seed: each method at its chosen
+    setting, then each control at the setting chosen for the method it is `like` (keys renamed, its params added),
+    e.g. l2-init at EWC's λ, or EWC with the true Fisher. `own` is the control's name when it has runs of its own
+    ("own_runs"), else None: its runs are the ones of that method and setting, whoever made them."""
+    groups = [(m, m, c["params"], None) for m, c in chosen.items()]
     for name, c in protocol.get("controls", {}).items():
         if c["like"] in chosen:
             rename = c.get("rename", {})
             params = {rename.get(k, k): v for k, v in chosen[c["like"]]["params"].items()}
-            groups.append((name, c["method"], {**params, **{k: str(v) for k, v in c.get("params", {}).items()}}))
+            groups.append((name, c["method"], {**params, **{k: str(v) for k, v in c.get("params", {}).items()}},
+                           name if c.get("own_runs") else None))
     return groups
+
+
+def of_group(record: dict, method: str, params: dict, own: str | None = None) -> bool:
+    """Whether a run record (or a report row) belongs to the group (method, params, own) of test_groups: a
+    control's own runs carry its name ("control"), and only they belong to it."""
+    return record["method"] == method and record["params"] == params and record.get("control") == own

@@ -24,22 +24,25 @@ def sibling(name: str):
 study = sibling("study")
 SPLITS, QUANTITIES, LEVELS_AFTER = study.SPLITS, study.QUANTITIES, study.LEVELS_AFTER
 label, settings, quantities, split_metrics = study.label, study.settings, study.quantities, study.split_metrics
-read_results_dir, select, test_groups = study.read_results_dir, study.select, study.test_groups
+read_results_dir, select, test_groups, of_group = study.read_results_dir, study.select, study.test_groups, study.of_group
 
 
 def rows_of(protocol: dict, base: dict, runs: list[dict]) -> list[dict]:
     """One row per run and split: its identity, its quantities, and its cost."""
     rows = []
     for r in sorted(runs, key=lambda r: (list(protocol["methods"]).index(r["method"])
-                                         if r["method"] in protocol["methods"] else 99, label(r["params"]), r["seed"])):
+                                         if r["method"] in protocol["methods"] else 99, r.get("control") or "",
+                                         label(r["params"]), r["seed"])):
         for split in SPLITS:
             rows.append(dict(method=r["method"], params=r["params"], seed=r["seed"], split=split,
-                             **quantities(r["items"], base, split), wall_s=r.get("wall_s"), cpu_s=r.get("cpu_s")))
+                             **quantities(r["items"], base, split), wall_s=r.get("wall_s"), cpu_s=r.get("cpu_s"),
+                             **({"control": r["control"]} if r.get("control") else {})))
     return rows
 
 
 def record_of(runs: list[dict], row: dict) -> dict:
-    return next(x for x in runs if (x["method"], x["params"], x["seed"]) == (row["method"], row["params"], row["seed"]))
+    return next(x for x in runs if of_group(x, row["method"], row["params"], row.get("control"))
+                and x["seed"] == row["seed"])
 
 
 def fmt(x, digits: int = 4, sign: bool = True) -> str:
@@ -148,7 +151,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
            "|---|---|" + "---|" * len(dev_columns) + "---|"]
     for m in protocol["methods"]:
         for params in settings(protocol, m):
-            r = next((x for x in dev if x["method"] == m and x["params"] == params and x["seed"] == first), None)
+            r = next((x for x in dev if of_group(x, m, params) and x["seed"] == first), None)
             cells = [fmt(r[c]) if r else "not run" for c in dev_columns]
             mark = "**yes**" if m in chosen and chosen[m]["params"] == params else ""
             out.append(f"| {m} | {label(params)} | " + " | ".join(cells) + f" | {mark} |")
@@ -158,9 +161,9 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     out += [f"- {m}: not chosen yet (dev runs missing)" for m in missing]
 
     groups = test_groups(protocol, chosen)
-    test = {name: [r for r in rows if r["split"] == "test" and r["method"] == m and r["params"] == params]
-            for name, m, params in groups}
-    setting = {name: params for name, _, params in groups}
+    test = {name: [r for r in rows if r["split"] == "test" and of_group(r, m, params, own)]
+            for name, m, params, own in groups}
+    setting = {name: params for name, _, params, _ in groups}
     ref = protocol["selection"]["reference"]
     for title, cols in (("learning (higher = learnt more)", test_learn),
                         ("forgetting (NLL: higher = forgot more; accuracies: lower = forgot more)", test_forget)):
@@ -306,6 +309,7 @@ CSV_COLUMNS = ["method", "setting", "seed", "split", *(q for q in QUANTITIES if 
 
 def report_csv(rows: list[dict]) -> str:
     columns = with_instructions(with_own_data(CSV_COLUMNS, rows), rows)
+    columns += ["control"] if any(r.get("control") for r in rows) else []  # a control's own runs, named
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
@@ -328,11 +332,10 @@ def figures(protocol: dict, base: dict, runs: list[dict], rows: list[dict], out:
         return []
     groups = test_groups(protocol, select(protocol, [r for r in rows if r["split"] == "dev"]))
     drawn = {}  # a control that is a method's very setting (l2-init at ewc's λ = l2-init's) is drawn once
-    for name, m, params in groups:
-        drawn.setdefault((m, label(params)), (m, params, []))[2].append(name)
-    test = {" = ".join(names):
-            [r for r in rows if r["split"] == "test" and r["method"] == m and r["params"] == params]
-            for m, params, names in drawn.values()}
+    for name, m, params, own in groups:
+        drawn.setdefault((m, label(params), own), (m, params, own, []))[3].append(name)
+    test = {" = ".join(names): [r for r in rows if r["split"] == "test" and of_group(r, m, params, own)]
+            for m, params, own, names in drawn.values()}
     test = {m: rs for m, rs in test.items() if rs}
     if not test:
         return []

@@ -106,6 +106,7 @@ class Run:
     method: str
     params: dict  # grid key -> value as typed, e.g. {"ewc.lambda": "0.5", "lr": "1e-4"}
     seed: int
+    control: str | None = None  # a study's control with runs of its own (study.test_groups): named after it
 
     @property
     def params_label(self) -> str:
@@ -114,6 +115,8 @@ class Run:
 
     @property
     def name(self) -> str:
+        if self.control:
+            return f"{self.control}-seed{self.seed}"
         parts = [self.method] + [f"{k.rsplit('.', 1)[-1]}{v}" for k, v in self.params.items()] + [f"seed{self.seed}"]
         return "-".join(parts)
 
@@ -287,7 +290,8 @@ def study_record(run: Run, run_dir: Path, argv: list[str], wall: float, cpu: flo
     kl = (results.get("diagnostics") or {}).get("kl_to_base")  # diagnostics.py; absent with --diagnostics none
     return dict(method=run.method, params=run.params, seed=run.seed, argv=argv, config=config, training=results["training"],
                 wall_s=round(wall, 1), cpu_s=round(cpu, 1), peak_rss_mb=round(peak), items=study.compact(results["after"]),
-                **({"kl_to_base": {k: kl[k] for k in ("kl", "kl_ci", "n")}} if kl else {}))
+                **({"kl_to_base": {k: kl[k] for k in ("kl", "kl_ci", "n")}} if kl else {}),
+                **({"control": run.control} if run.control else {}))
 
 
 def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: dict) -> list[str]:
@@ -380,7 +384,7 @@ def run_protocol(protocol_file: str, results: Path, out: Path, jobs: int, env: d
           file=sys.stderr)
     groups = study.test_groups(protocol, chosen)
     # seed by seed, so that an interrupted study leaves every method (and control) with as many seeds as the others
-    execute([Run(m, params, s) for s in protocol["seeds"] for _, m, params in groups])
+    execute([Run(m, params, s, own) for s in protocol["seeds"] for _, m, params, own in groups])
     return failed
 
 

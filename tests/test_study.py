@@ -109,9 +109,9 @@ def test_controls_take_the_setting_chosen_for_the_method_they_control():
                                         "true": {"method": "ewc", "like": "ewc",
                                                  "params": {"ewc.fisher-estimator": "true"}}})
     groups = study.test_groups(protocol, {"full": {"params": {"lr": "2e-4"}}, "ewc": {"params": {"ewc.lambda": "10"}}})
-    assert groups == [("full", "full", {"lr": "2e-4"}), ("ewc", "ewc", {"ewc.lambda": "10"}),
-                      ("l2", "l2-init", {"l2-init.lambda": "10"}),
-                      ("true", "ewc", {"ewc.lambda": "10", "ewc.fisher-estimator": "true"})]
+    assert groups == [("full", "full", {"lr": "2e-4"}, None), ("ewc", "ewc", {"ewc.lambda": "10"}, None),
+                      ("l2", "l2-init", {"l2-init.lambda": "10"}, None),
+                      ("true", "ewc", {"ewc.lambda": "10", "ewc.fisher-estimator": "true"}, None)]
 
 
 def rebuild(source: Path, tmp_path: Path) -> Path:
@@ -162,12 +162,13 @@ def test_every_table_row_of_the_study_readme_is_in_the_study_report():
 
 
 def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes(tmp_path, smollm_dir, capsys):
-    # Six tiny-model runs, two at a time (about 40 s here).
+    # Eight tiny-model runs, two at a time (about 50 s here).
     model = sweep.quick_model(tmp_path)
     protocol = dict(PROTOCOL, train_flags=["--eval", "quick", "--max-steps", "2", "--batch-size", "4",
                                            "--max-len", "128", "--model", str(model), "--diagnostics", "none"],
                     methods={"full": {"lr": ["1e-4", "1e-3"]}, "l2-init": {"l2-init.lambda": ["0.1", "10"]}},
-                    controls={"again": {"method": "l2-init", "like": "l2-init"}})  # the very runs of l2-init
+                    controls={"again": {"method": "l2-init", "like": "l2-init"},  # the very runs of l2-init
+                              "anew": {"method": "l2-init", "like": "l2-init", "own_runs": True}})  # made again
     file = tmp_path / "protocol.json"
     file.write_text(json.dumps(protocol))
     results, out = tmp_path / "results", tmp_path / "runs"
@@ -175,13 +176,17 @@ def test_a_protocol_runs_dev_then_the_chosen_setting_with_every_seed_and_resumes
     sweep.main(argv)
     records = sorted(p.name for p in (results / "runs").glob("*.json"))
     started = [line for line in capsys.readouterr().err.splitlines() if line.endswith(": running")]
-    assert len(started) == len(set(started)) == 6  # each run once, the control's shared with l2-init
+    assert len(started) == len(set(started)) == 8  # each run once, "again"'s shared with l2-init, "anew"'s its own
     chosen = study.select(protocol, [r for r in study_report.rows_of(*study.read_results_dir(results))
                                      if r["split"] == "dev"])
-    assert len(records) == 6 and set(chosen) == {"full", "l2-init"}
+    assert len(records) == 8 and set(chosen) == {"full", "l2-init"}
     for method, c in chosen.items():
         for seed in (0, 1):
             assert sweep.Run(method, c["params"], seed).name + ".json" in records
+    anew = [json.loads((results / "runs" / f"anew-seed{s}.json").read_text()) for s in (0, 1)]
+    assert all(r["control"] == "anew" and r["params"] == chosen["l2-init"]["params"] for r in anew)
+    md = (results / "study.md").read_text()  # each group reads its own two runs
+    assert re.search(r"^\| again \| .* \| 2 \|", md, re.M) and re.search(r"^\| anew \| .* \| 2 \|", md, re.M)
     record = json.loads((results / "runs" / records[0]).read_text())
     assert {it["split"] for it in record["items"]["domain_recall"]} == {"dev", "test"}  # one pass, both halves
     assert "prompt" not in record["items"]["domain_recall"][0] and record["cpu_s"] > 0
