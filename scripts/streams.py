@@ -12,7 +12,7 @@ eval.json with the per-item records, train.json and metrics.jsonl), which is all
 grid started again skips the finished runs and resumes the others (stream.py --resume). --jobs 2 runs two
 streams side by side, one thread each.
 
-The report (<results>/report.md, summary.csv, summary.png):
+The report (<results>/report.md, summary.csv, summary.png, and with a baseline paired.png):
     per run      ACC, BWT, FWT, forgetting and learning accuracy with their paired-bootstrap intervals over test
                  items, and the general ability after the last stage against the base model
     per method   the mean of each metric over its runs (orders, or seeds) with a Student t interval
@@ -20,6 +20,7 @@ The report (<results>/report.md, summary.csv, summary.png):
                  ran, on the same test items, with a paired bootstrap over items and a t interval over orders
                  (stream_metrics.paired_difference)
     summary.png  average accuracy against backward transfer, one point per method with its t intervals
+    paired.png   ACC and BWT of each method minus the baseline, with both intervals
 """
 import csv
 import io
@@ -177,7 +178,8 @@ def write_report(results: Path) -> str:
         m = r["metrics"]
         general = "; ".join(f"{k} {fmt(d, ci, 3)} {v}" for k, (d, ci, v) in general_change(r).items())
         lines.append(f"| {run} | " + " | ".join(fmt(m[k], m[f"{k}_ci"]) for k in METRICS[:4]) + f" | {general} |")
-    lines += against_baseline(p, results, runs)
+    paired = paired_rows(p, results, runs)
+    lines += against_baseline(p.get("baseline"), paired)
     lines += kl_against_forgetting(runs)
     cost = sum(r["seconds"]["train"] + r["seconds"]["eval"] for _, _, r in runs)
     lines += ["", f"Compute: {cost / 3600:.1f} hours of training and evaluation in all (the runs' own seconds, "
@@ -186,6 +188,8 @@ def write_report(results: Path) -> str:
     (results / "report.md").write_text(report)
     (results / "summary.csv").write_text(summary_csv(runs))
     plot_summary(methods, per_method, results / "summary.png")
+    if paired:
+        plot_paired(p["baseline"], paired, results / "paired.png")
     return report
 
 
@@ -196,19 +200,22 @@ def run_correct(results: Path, run: str, r: dict) -> list:
     return correct_matrix(stages, r["tasks"])
 
 
-def against_baseline(p: dict, results: Path, runs) -> list[str]:
-    """The report's paired comparisons: every sequential method minus the protocol's "baseline", on the orders
-    (and seeds) both ran, on the same test items (stream_metrics.paired_difference). No lines without a baseline
-    in the protocol or without a pair."""
+def paired_rows(p: dict, results: Path, runs) -> list[tuple[str, int, dict]]:
+    """[(method, pairs, stream_metrics.paired_difference)]: every sequential method minus the protocol's
+    "baseline", on the orders (and seeds) both ran, on the same test items; [] without a baseline."""
     base = p.get("baseline")
     by_key = {(name, r["order"], r["seed"]): (run, r) for run, name, r in runs}
     rows = []
-    for m in dict.fromkeys(name for _, name, r in runs if name != base and not r["joint"]):
+    for m in dict.fromkeys(name for _, name, r in runs if base and name != base and not r["joint"]):
         keys = [(o, s) for (name, o, s) in by_key if name == m and (base, o, s) in by_key]
-        if not keys:
-            continue
-        pairs = [tuple(run_correct(results, *by_key[(who, o, s)]) for who in (m, base)) for o, s in keys]
-        rows.append((m, len(pairs), paired_difference(pairs)))
+        if keys:
+            pairs = [tuple(run_correct(results, *by_key[(who, o, s)]) for who in (m, base)) for o, s in keys]
+            rows.append((m, len(pairs), paired_difference(pairs)))
+    return rows
+
+
+def against_baseline(base: str | None, rows: list[tuple[str, int, dict]]) -> list[str]:
+    """The report's section of paired comparisons (paired_rows); no lines without a pair."""
     if not rows:
         return []
     def cell(d, ci):
@@ -275,6 +282,35 @@ def summary_csv(runs) -> str:
         w.writerow([run, name, r["order"], r["seed"], *(m[k] for k in METRICS), *(c[0] for c in cis),
                     *(c[1] for c in cis)])
     return buf.getvalue()
+
+
+def plot_paired(base: str, rows, path: Path) -> bool:
+    """ACC and BWT of each method minus the baseline's (paired_rows): the point, the paired bootstrap's interval over
+    items (thick) and the t interval over orders (thin), one row per method."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so paired.png is skipped", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(8, 0.5 * len(rows) + 1.6), sharey=True)
+    for ax, key, title in zip(axes, ("acc", "bwt"), ("ACC", "BWT")):
+        for y, (m, n, d) in enumerate(rows):
+            x = d[key]
+            if x["ci_runs"]:
+                ax.plot(x["ci_runs"], [y, y], color="grey", lw=1)
+            ax.plot(x["ci_items"], [y, y], color=f"C{y}", lw=4, solid_capstyle="butt")
+            ax.plot([x["value"]], [y], "o", color="black", ms=4)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{title}: method − {base}", fontsize=10)
+        ax.set_xlabel("difference (thick: 95% over items; thin: over orders)", fontsize=8)
+    axes[0].set_yticks(range(len(rows)), [f"{m} ({n})" for m, n, _ in rows])
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return True
 
 
 def plot_summary(methods, per_method, path: Path) -> bool:

@@ -405,10 +405,10 @@ def test_the_grid_report_compares_each_method_with_the_baseline_on_the_same_item
     # BWT differences +0.5 and +0.5, ACC differences +0.25 and +0.25
     runs = [write_run("m-o1", "1", [True, True, True, False]), write_run("base-o1", "1", [True, False, False, False]),
             write_run("m-o2", "2", [True] * 4), write_run("base-o2", "2", [True, True, False, False])]
-    text = "\n".join(streams.against_baseline({"baseline": "base"}, tmp_path, runs))
+    text = "\n".join(streams.against_baseline("base", streams.paired_rows({"baseline": "base"}, tmp_path, runs)))
     assert "| m − base | 2 | orders | 0.250 [0.250, 0.250] | 0.500 [0.500, 0.500] |" in text
     assert "- m − base (2 orders): ACC higher; BWT higher;" in text
-    assert streams.against_baseline({}, tmp_path, runs) == []  # a protocol without a baseline
+    assert streams.paired_rows({}, tmp_path, runs) == []  # a protocol without a baseline
     bad = dict(benchmark="b", orders=["1"], seeds=[0], stream_flags=[], methods={"m": {"flags": []}}, baseline="base")
     (tmp_path / "p.json").write_text(json.dumps(bad))
     with pytest.raises(ForgetlabError, match="baseline 'base' is not one of the methods"):
