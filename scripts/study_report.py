@@ -141,7 +141,6 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     chosen = select(protocol, dev)
     first = protocol["seeds"][0]
     dev_columns, test_learn = with_own_data(DEV_COLUMNS, rows), with_own_data(TEST_LEARN, rows)
-    test_forget = with_instructions(TEST_FORGET, rows)
     out = ["# The study: results", "",
            f"Rebuilt by `python scripts/sweep.py --report DIR` from protocol.json, base.json and runs/*.json alone. "
            f"{len(runs)} runs; CPU time {sum(r.get('cpu_s') or 0 for r in runs) / 3600:.1f} h "
@@ -164,6 +163,8 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
     test = {name: [r for r in rows if r["split"] == "test" and of_group(r, m, params, own)]
             for name, m, params, own in groups}
     setting = {name: params for name, _, params, _ in groups}
+    test_rows = [r for rs in test.values() for r in rs]  # an optional column appears once a compared run has it
+    test_forget = with_instructions(TEST_FORGET, test_rows)
     ref = protocol["selection"]["reference"]
     for title, cols in (("learning (higher = learnt more)", test_learn),
                         ("forgetting (NLL: higher = forgot more; accuracies: lower = forgot more)", test_forget)):
@@ -190,7 +191,7 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
                      for c in cols]
             out.append(f"| {a_name} − {b_name} | {len(pairs)} | " + " | ".join(cells) + " |")
     items = {name: [record_of(runs, r)["items"] for r in rs] for name, rs in test.items()}
-    cols = with_instructions(with_own_data([c for c in ITEM_COLUMNS if c not in OPTIONAL], rows), rows)
+    cols = with_instructions(with_own_data([c for c in ITEM_COLUMNS if c not in OPTIONAL], rows), test_rows)
     out += ["", "## Test, per item: the change averaged over seeds, paired by item", "",
             "Each item's after − before averaged over the seeds (token-weighted for the NLLs), then the mean over the "
             "test items with a 95% paired bootstrap interval over items: it holds the sampling of the items.", "",
@@ -216,7 +217,8 @@ def report_md(protocol: dict, base: dict, runs: list[dict], rows: list[dict]) ->
             "side; otherwise no detectable change.", ""]
     for m, rs in test.items():
         if m in per_item:
-            f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in test_forget}
+            f = {c: words([r[c] for r in rs], per_item[m][c], c in WORSE_WHEN_HIGHER) for c in test_forget
+                 if any(r[c] is not None for r in rs)}  # a quantity its runs did not measure gets no verdict
             out.append(f"- {m}: " + "; ".join(f"{c}: {v}" for c, v in f.items()))
     return "\n".join(out) + "\n"
 

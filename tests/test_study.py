@@ -289,6 +289,28 @@ def test_the_instruction_following_column_appears_where_runs_have_it_and_is_the_
     assert "instructions" not in (FIXTURE / "study.md").read_text()  # records without it: no column
 
 
+def test_a_verdict_leaves_out_a_quantity_its_runs_did_not_measure(tmp_path):
+    """Instruction following only in one method's records (the third amendment's runs beside the older ones):
+    that method's verdict covers it, the others' verdicts say nothing about it rather than 'not enough runs'."""
+    copy = tmp_path / "study"
+    shutil.copytree(FIXTURE, copy)
+    checks = [{"id": f"if:{i}", "split": "test", "passed": i % 2 == 0} for i in range(6)]
+    base = json.loads((copy / "base.json").read_text())
+    base["items"]["instructions"] = checks
+    (copy / "base.json").write_text(json.dumps(base))
+    records = {f: json.loads(f.read_text()) for f in sorted((copy / "runs").glob("*.json"))}
+    measured = next(r["method"] for r in records.values() if r["method"] != "full")
+    for f, r in records.items():
+        if r["method"] == measured:
+            r["items"]["instructions"] = [dict(c, passed=True) for c in checks]
+            f.write_text(json.dumps(r))
+    sweep.main(["--report", str(copy)])
+    verdicts = [x for x in (copy / "study.md").read_text().split("## Verdicts on the test split")[1].splitlines()
+                if x.startswith("- ")]
+    assert [x.split(":")[0] for x in verdicts if "instructions:" in x] == [f"- {measured}"]
+    assert len(verdicts) > 1 and not any("not enough runs" in x for x in verdicts)
+
+
 def test_the_ranking_gives_each_method_its_per_item_change_and_a_rank_interval(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(FIXTURE, source)
