@@ -18,9 +18,9 @@ The report (<results>/report.md, summary.csv, summary.png, and with a baseline p
     per method   the mean of each metric over its runs (orders, or seeds) with a Student t interval
     paired       with a "baseline" method in the protocol: every sequential method minus it on the orders both
                  ran, on the same test items, with a paired bootstrap over items and a t interval over orders
-                 (stream_metrics.paired_difference)
+                 (stream_metrics.paired_difference); "compare": [[A, B], ...] adds A − B for further pairs
     summary.png  average accuracy against backward transfer, one point per method with its t intervals
-    paired.png   ACC and BWT of each method minus the baseline, with both intervals
+    paired.png   ACC and BWT of every paired difference, with both intervals
 """
 import csv
 import io
@@ -55,6 +55,12 @@ def read_protocol(path) -> dict:
             raise ForgetlabError(f"{path}: method {name!r} needs {{\"flags\": [...]}}")
     if "baseline" in p and p["baseline"] not in p["methods"]:
         raise ForgetlabError(f"{path}: baseline {p['baseline']!r} is not one of the methods")
+    for pair in p.get("compare", []):
+        if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]):
+            raise ForgetlabError(f"{path}: compare: {pair!r} is not a pair [A, B] of two methods")
+        for name in pair:
+            if name not in p["methods"]:
+                raise ForgetlabError(f"{path}: compare: {name!r} is not one of the methods")
     return p
 
 
@@ -179,7 +185,7 @@ def write_report(results: Path) -> str:
         general = "; ".join(f"{k} {fmt(d, ci, 3)} {v}" for k, (d, ci, v) in general_change(r).items())
         lines.append(f"| {run} | " + " | ".join(fmt(m[k], m[f"{k}_ci"]) for k in METRICS[:4]) + f" | {general} |")
     paired = paired_rows(p, results, runs)
-    lines += against_baseline(p.get("baseline"), paired)
+    lines += paired_sections(p, paired)
     lines += kl_against_forgetting(runs)
     cost = sum(r["seconds"]["train"] + r["seconds"]["eval"] for _, _, r in runs)
     lines += ["", f"Compute: {cost / 3600:.1f} hours of training and evaluation in all (the runs' own seconds, "
@@ -189,7 +195,7 @@ def write_report(results: Path) -> str:
     (results / "summary.csv").write_text(summary_csv(runs))
     plot_summary(methods, per_method, results / "summary.png")
     if paired:
-        plot_paired(p["baseline"], paired, results / "paired.png")
+        plot_paired(paired, results / "paired.png")
     return report
 
 
@@ -200,51 +206,62 @@ def run_correct(results: Path, run: str, r: dict) -> list:
     return correct_matrix(stages, r["tasks"])
 
 
-def paired_rows(p: dict, results: Path, runs) -> list[tuple[str, int, dict]]:
-    """[(method, pairs, stream_metrics.paired_difference)]: every sequential method minus the protocol's
-    "baseline", on the orders (and seeds) both ran, on the same test items; [] without a baseline."""
-    base = p.get("baseline")
+def paired_rows(p: dict, results: Path, runs) -> list[tuple[str, str, int, dict]]:
+    """[(A, B, pairs, stream_metrics.paired_difference)]: every sequential method minus the protocol's "baseline",
+    then each of its "compare" pairs, on the orders (and seeds) both ran, on the same test items."""
     by_key = {(name, r["order"], r["seed"]): (run, r) for run, name, r in runs}
+    base = p.get("baseline")
+    wanted = [(m, base) for m in dict.fromkeys(name for _, name, r in runs if not r["joint"])
+              if base and m != base] + [tuple(pair) for pair in p.get("compare", [])]
     rows = []
-    for m in dict.fromkeys(name for _, name, r in runs if base and name != base and not r["joint"]):
-        keys = [(o, s) for (name, o, s) in by_key if name == m and (base, o, s) in by_key]
+    for a, b in wanted:
+        keys = [(o, s) for (name, o, s), (_, r) in by_key.items() if name == a and not r["joint"]
+                and (b, o, s) in by_key]
         if keys:
-            pairs = [tuple(run_correct(results, *by_key[(who, o, s)]) for who in (m, base)) for o, s in keys]
-            rows.append((m, len(pairs), paired_difference(pairs)))
+            pairs = [tuple(run_correct(results, *by_key[(who, o, s)]) for who in (a, b)) for o, s in keys]
+            rows.append((a, b, len(pairs), paired_difference(pairs)))
     return rows
 
 
-def against_baseline(base: str | None, rows: list[tuple[str, int, dict]]) -> list[str]:
-    """The report's section of paired comparisons (paired_rows); no lines without a pair."""
-    if not rows:
-        return []
-    def cell(d, ci):
-        return fmt(d["value"], d[ci])
-    lines = ["", f"## Each method minus {base}, paired", "",
-             "On the orders both ran, the same test items: the difference of each metric averaged over the orders, "
-             "with a 95% paired bootstrap over test items (each order's and task's items resampled alike for both "
-             "methods) and a 95% Student t interval over the orders (wide with few orders). A direction is "
-             "supported only where both intervals exclude zero.", "",
-             "| difference | orders | interval | ACC | BWT | FWT | forgetting | LA |", "|---|---:|---|---|---|---|---|---|"]
-    for m, n, d in rows:
-        for ci, label in (("ci_items", "items"), ("ci_runs", "orders")):
-            lines.append(f"| {m} − {base} | {n} | {label} | " + " | ".join(cell(d[k], ci) for k in METRICS) + " |")
-    lines += ["", "Verdicts (higher is better for ACC, BWT, FWT and LA; lower for forgetting):", ""]
-    for m, n, d in rows:
-        if n == 1:
-            lines.append(f"- {m} − {base} (1 order): no verdict, since one order has no interval over orders")
+def paired_sections(p: dict, rows: list[tuple[str, str, int, dict]]) -> list[str]:
+    """The report's paired comparisons (paired_rows): each method minus the baseline, then the protocol's further
+    pairs; no lines without a pair."""
+    base = p.get("baseline")
+    further = [tuple(pair) for pair in p.get("compare", [])]
+    lines = []
+    for title, part in ((f"Each method minus {base}, paired", [r for r in rows if (r[0], r[1]) not in further]),
+                        ("The protocol's further comparisons, paired", [r for r in rows if (r[0], r[1]) in further])):
+        if not part:
             continue
-        said = []
-        for k, label in zip(METRICS, ("ACC", "BWT", "FWT", "forgetting", "LA")):
-            x = d[k]
-            if x["value"] is None:
-                continue
-            if any(ci[0] <= 0 <= ci[1] for ci in (x["ci_items"], x["ci_runs"])):
-                said.append(f"{label} no detectable difference")
-            else:
-                said.append(f"{label} {'higher' if x['value'] > 0 else 'lower'}")
-        lines.append(f"- {m} − {base} ({n} order{'s' * (n > 1)}): " + "; ".join(said))
+        lines += ["", f"## {title}", "",
+                  "On the orders both ran, the same test items: the difference of each metric averaged over the "
+                  "orders, with a 95% paired bootstrap over test items (each order's and task's items resampled alike "
+                  "for both methods) and a 95% Student t interval over the orders (wide with few orders). A direction "
+                  "is supported only where both intervals exclude zero.", "",
+                  "| difference | orders | interval | ACC | BWT | FWT | forgetting | LA |", "|---|---:|---|---|---|---|---|---|"]
+        for a, b, n, d in part:
+            for ci, label in (("ci_items", "items"), ("ci_runs", "orders")):
+                lines.append(f"| {a} − {b} | {n} | {label} | " + " | ".join(fmt(d[k]["value"], d[k][ci]) for k in METRICS)
+                             + " |")
+        lines += ["", "Verdicts (higher is better for ACC, BWT, FWT and LA; lower for forgetting):", ""]
+        lines += [f"- {a} − {b} ({n} order{'s' * (n > 1)}): {verdicts(n, d)}" for a, b, n, d in part]
     return lines
+
+
+def verdicts(n: int, d: dict) -> str:
+    """What the two intervals of each paired difference allow."""
+    if n == 1:
+        return "no verdict, since one order has no interval over orders"
+    said = []
+    for k, label in zip(METRICS, ("ACC", "BWT", "FWT", "forgetting", "LA")):
+        x = d[k]
+        if x["value"] is None:
+            continue
+        if any(ci[0] <= 0 <= ci[1] for ci in (x["ci_items"], x["ci_runs"])):
+            said.append(f"{label} no detectable difference")
+        else:
+            said.append(f"{label} {'higher' if x['value'] > 0 else 'lower'}")
+    return "; ".join(said)
 
 
 def kl_against_forgetting(runs) -> list[str]:
@@ -284,9 +301,9 @@ def summary_csv(runs) -> str:
     return buf.getvalue()
 
 
-def plot_paired(base: str, rows, path: Path) -> bool:
-    """ACC and BWT of each method minus the baseline's (paired_rows): the point, the paired bootstrap's interval over
-    items (thick) and the t interval over orders (thin), one row per method."""
+def plot_paired(rows, path: Path) -> bool:
+    """ACC and BWT of each paired difference (paired_rows): the point, the paired bootstrap's interval over items
+    (thick) and the t interval over orders (thin), one row per pair."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -296,16 +313,16 @@ def plot_paired(base: str, rows, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(8, 0.5 * len(rows) + 1.6), sharey=True)
     for ax, key, title in zip(axes, ("acc", "bwt"), ("ACC", "BWT")):
-        for y, (m, n, d) in enumerate(rows):
+        for y, (_, _, n, d) in enumerate(rows):
             x = d[key]
             if x["ci_runs"]:
                 ax.plot(x["ci_runs"], [y, y], color="grey", lw=1)
             ax.plot(x["ci_items"], [y, y], color=f"C{y}", lw=4, solid_capstyle="butt")
             ax.plot([x["value"]], [y], "o", color="black", ms=4)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_title(f"{title}: method − {base}", fontsize=10)
+        ax.set_title(f"{title} difference", fontsize=10)
         ax.set_xlabel("difference (thick: 95% over items; thin: over orders)", fontsize=8)
-    axes[0].set_yticks(range(len(rows)), [f"{m} ({n})" for m, n, _ in rows])
+    axes[0].set_yticks(range(len(rows)), [f"{a} − {b} ({n})" for a, b, n, _ in rows])
     axes[0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})

@@ -387,7 +387,7 @@ def test_the_grid_report_reads_each_stage_s_kl_against_the_forgetting_it_caused(
     assert streams.kl_against_forgetting([("old", "m", {"metrics": {}})]) == []  # records without diagnostics
 
 
-def test_the_grid_report_compares_each_method_with_the_baseline_on_the_same_items(tmp_path):
+def test_the_grid_report_compares_each_method_with_the_baseline_and_further_pairs_on_the_same_items(tmp_path):
     from scripts import streams
 
     def write_run(name, order, finals):
@@ -405,14 +405,26 @@ def test_the_grid_report_compares_each_method_with_the_baseline_on_the_same_item
     # BWT differences +0.5 and +0.5, ACC differences +0.25 and +0.25
     runs = [write_run("m-o1", "1", [True, True, True, False]), write_run("base-o1", "1", [True, False, False, False]),
             write_run("m-o2", "2", [True] * 4), write_run("base-o2", "2", [True, True, False, False])]
-    text = "\n".join(streams.against_baseline("base", streams.paired_rows({"baseline": "base"}, tmp_path, runs)))
+    protocol = {"baseline": "base"}
+    text = "\n".join(streams.paired_sections(protocol, streams.paired_rows(protocol, tmp_path, runs)))
     assert "| m − base | 2 | orders | 0.250 [0.250, 0.250] | 0.500 [0.500, 0.500] |" in text
     assert "- m − base (2 orders): ACC higher; BWT higher;" in text
-    assert streams.paired_rows({}, tmp_path, runs) == []  # a protocol without a baseline
+    assert "further comparisons" not in text
+    assert streams.paired_rows({}, tmp_path, runs) == []  # a protocol without a baseline or pairs
+    # a further pair, the other way round, in its own section: the differences change sign
+    protocol = {"compare": [["base", "m"]]}
+    text = "\n".join(streams.paired_sections(protocol, streams.paired_rows(protocol, tmp_path, runs)))
+    assert "## The protocol's further comparisons, paired" in text and "## Each method minus" not in text
+    assert "| base − m | 2 | orders | -0.250 [-0.250, -0.250] | -0.500 [-0.500, -0.500] |" in text
+    assert "- base − m (2 orders): ACC lower; BWT lower;" in text
     bad = dict(benchmark="b", orders=["1"], seeds=[0], stream_flags=[], methods={"m": {"flags": []}}, baseline="base")
     (tmp_path / "p.json").write_text(json.dumps(bad))
     with pytest.raises(ForgetlabError, match="baseline 'base' is not one of the methods"):
         streams.read_protocol(tmp_path / "p.json")
+    for pair, error in ((["m", "x"], "compare: 'x' is not one of the methods"), (["m", "m"], "is not a pair")):
+        (tmp_path / "p.json").write_text(json.dumps(dict(bad, baseline="m", compare=[pair])))
+        with pytest.raises(ForgetlabError, match=error):
+            streams.read_protocol(tmp_path / "p.json")
 
 
 def test_the_committed_stream_with_stage_diagnostics_is_what_its_records_give(tmp_path):
