@@ -53,14 +53,26 @@ def read_protocol(path) -> dict:
     for name, m in p["methods"].items():
         if not (isinstance(m, dict) and isinstance(m.get("flags"), list)):
             raise ForgetlabError(f"{path}: method {name!r} needs {{\"flags\": [...]}}")
-    if "baseline" in p and p["baseline"] not in p["methods"]:
-        raise ForgetlabError(f"{path}: baseline {p['baseline']!r} is not one of the methods")
+    # joint training has no order, so a paired comparison (order by order) cannot name it
+    joint = {name for name, m in p["methods"].items() if "--joint" in m["flags"]}
+    base = p.get("baseline")
+    if base is not None and base not in p["methods"]:
+        raise ForgetlabError(f"{path}: baseline {base!r} is not one of the methods")
+    if base in joint:
+        raise ForgetlabError(f"{path}: baseline {base!r} trains jointly, without an order to pair on")
+    seen = set()
     for pair in p.get("compare", []):
         if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]):
             raise ForgetlabError(f"{path}: compare: {pair!r} is not a pair [A, B] of two methods")
         for name in pair:
             if name not in p["methods"]:
                 raise ForgetlabError(f"{path}: compare: {name!r} is not one of the methods")
+            if name in joint:
+                raise ForgetlabError(f"{path}: compare: {name!r} trains jointly, without an order to pair on")
+        if base in pair or frozenset(pair) in seen:
+            raise ForgetlabError(f"{path}: compare: {pair!r} is already compared (the baseline's pairs, or an "
+                                 f"earlier pair)")
+        seen.add(frozenset(pair))
     return p
 
 

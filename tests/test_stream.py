@@ -421,10 +421,17 @@ def test_the_grid_report_compares_each_method_with_the_baseline_and_further_pair
     (tmp_path / "p.json").write_text(json.dumps(bad))
     with pytest.raises(ForgetlabError, match="baseline 'base' is not one of the methods"):
         streams.read_protocol(tmp_path / "p.json")
-    for pair, error in ((["m", "x"], "compare: 'x' is not one of the methods"), (["m", "m"], "is not a pair")):
-        (tmp_path / "p.json").write_text(json.dumps(dict(bad, baseline="m", compare=[pair])))
+    methods = {"m": {"flags": []}, "n": {"flags": []}, "o": {"flags": []}, "joint": {"flags": ["--joint"]}}
+    for baseline, pairs, error in (
+            ("m", [["m", "x"]], "compare: 'x' is not one of the methods"), ("m", [["n", "n"]], "is not a pair"),
+            ("joint", [], "baseline 'joint' trains jointly"), ("m", [["n", "joint"]], "'joint' trains jointly"),
+            ("m", [["n", "m"]], r"\['n', 'm'\] is already compared"), ("m", [["m", "n"]], "already compared"),
+            ("m", [["n", "o"], ["o", "n"]], r"\['o', 'n'\] is already compared")):
+        (tmp_path / "p.json").write_text(json.dumps(dict(bad, methods=methods, baseline=baseline, compare=pairs)))
         with pytest.raises(ForgetlabError, match=error):
             streams.read_protocol(tmp_path / "p.json")
+    (tmp_path / "p.json").write_text(json.dumps(dict(bad, methods=methods, baseline="m", compare=[["n", "o"]])))
+    assert streams.read_protocol(tmp_path / "p.json")["compare"] == [["n", "o"]]
 
 
 def test_the_committed_stream_with_stage_diagnostics_is_what_its_records_give(tmp_path):
