@@ -56,7 +56,7 @@ def read_protocol(path) -> dict:
     # joint training has no order, so a paired comparison (order by order) cannot name it
     joint = {name for name, m in p["methods"].items() if "--joint" in m["flags"]}
     base = p.get("baseline")
-    if base is not None and base not in p["methods"]:
+    if base is not None and (not isinstance(base, str) or base not in p["methods"]):
         raise ForgetlabError(f"{path}: baseline {base!r} is not one of the methods")
     if base in joint:
         raise ForgetlabError(f"{path}: baseline {base!r} trains jointly, without an order to pair on")
@@ -65,7 +65,7 @@ def read_protocol(path) -> dict:
         if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]):
             raise ForgetlabError(f"{path}: compare: {pair!r} is not a pair [A, B] of two methods")
         for name in pair:
-            if name not in p["methods"]:
+            if not isinstance(name, str) or name not in p["methods"]:
                 raise ForgetlabError(f"{path}: compare: {name!r} is not one of the methods")
             if name in joint:
                 raise ForgetlabError(f"{path}: compare: {name!r} trains jointly, without an order to pair on")

@@ -424,6 +424,8 @@ def test_the_grid_report_compares_each_method_with_the_baseline_and_further_pair
     methods = {"m": {"flags": []}, "n": {"flags": []}, "o": {"flags": []}, "joint": {"flags": ["--joint"]}}
     for baseline, pairs, error in (
             ("m", [["m", "x"]], "compare: 'x' is not one of the methods"), ("m", [["n", "n"]], "is not a pair"),
+            ("m", [[["n"], "o"]], r"compare: \['n'\] is not one of the methods"),
+            (["m"], [], r"baseline \['m'\] is not one of the methods"),
             ("joint", [], "baseline 'joint' trains jointly"), ("m", [["n", "joint"]], "'joint' trains jointly"),
             ("m", [["n", "m"]], r"\['n', 'm'\] is already compared"), ("m", [["m", "n"]], "already compared"),
             ("m", [["n", "o"], ["o", "n"]], r"\['o', 'n'\] is already compared")):
